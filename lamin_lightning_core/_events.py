@@ -1,0 +1,184 @@
+"""Typed, frozen lifecycle events that travel over the hook bus.
+
+Every event serialises to JSON with ``model_dump_json()``. The persisted record
+(``artifact``) is a live object of whichever persister produced it, so it is
+excluded from the JSON form; ``artifact_uid`` and ``storage_uri`` carry what a
+downstream system needs to find it again.
+"""
+
+from __future__ import annotations
+
+import math
+import posixpath
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Final, Literal, get_args
+from uuid import UUID, uuid4
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION: Final = 1
+"""Bumped whenever a field changes meaning or is removed."""
+
+ArtifactKind = Literal["checkpoint", "config", "hparams"]
+ARTIFACT_KINDS: Final[tuple[str, ...]] = get_args(ArtifactKind)
+
+FitStatus = Literal["finished", "failed", "interrupted"]
+
+
+def check_kind(kind: str) -> ArtifactKind:
+    """Return ``kind`` if it is a known artifact kind.
+
+    Raises:
+        ValueError: naming the unknown kind and the accepted ones.
+    """
+    if kind not in ARTIFACT_KINDS:
+        raise ValueError(
+            f"Unknown artifact kind {kind!r}: expected one of "
+            f"{', '.join(map(repr, ARTIFACT_KINDS))}."
+        )
+    return kind  # type: ignore[return-value]
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is a safe, relative POSIX artifact key.
+
+    Raises:
+        ValueError: if the key is empty, absolute, or climbs with ``..``.
+    """
+    if not key:
+        raise ValueError("An artifact key must not be empty.")
+    if key.startswith("/") or "\\" in key:
+        raise ValueError(f"Artifact key {key!r} must be a relative POSIX path.")
+    parts = key.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise ValueError(
+            f"Artifact key {key!r} must not contain empty, '.' or '..' segments."
+        )
+    if posixpath.normpath(key) != key:
+        raise ValueError(f"Artifact key {key!r} is not normalised.")
+    return key
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    # JSON has no NaN; a NaN score means "no usable score" for every consumer.
+    if value is None or math.isnan(value):
+        return None
+    return value
+
+
+ArtifactKey = Annotated[str, AfterValidator(check_key)]
+Score = Annotated[float | None, AfterValidator(_finite_or_none)]
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class LifecycleEvent(BaseModel):
+    """Fields shared by every event on the bus."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: UUID = Field(default_factory=uuid4)
+    created_at: datetime = Field(default_factory=_now)
+    callback_id: str = Field(
+        description="State key of the Checkpoint callback that emitted the event; "
+        "two callbacks on one trainer have different ids."
+    )
+    run_uid: str | None = Field(
+        default=None, description="UID of the tracked run, if a persister has one."
+    )
+
+
+class FitStartedEvent(LifecycleEvent):
+    """A fit with a publishing checkpoint callback is about to train."""
+
+    event_type: Literal["fit_started"] = "fit_started"
+    base_prefix: str
+    checkpoint_key_prefix: str
+    logger_name: str | None = None
+    logger_version: str | None = None
+    monitor: str | None = None
+    mode: Literal["min", "max"]
+
+
+class FitEndedEvent(LifecycleEvent):
+    """The fit ended; ``status`` says how."""
+
+    event_type: Literal["fit_ended"] = "fit_ended"
+    status: FitStatus
+
+
+class _ArtifactEvent(LifecycleEvent):
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    kind: ArtifactKind
+    key: ArtifactKey
+    local_path: Path = Field(description="The file Lightning wrote, on this host.")
+    storage_uri: str = Field(description="Where the persisted bytes live.")
+    artifact: object | None = Field(
+        default=None,
+        exclude=True,
+        repr=False,
+        description="The persisted record (a LaminDB Artifact with the LaminDB "
+        "plugin); never serialised.",
+    )
+    artifact_uid: str | None = None
+    epoch: int | None = None
+    global_step: int | None = None
+
+
+class ArtifactSavedEvent(_ArtifactEvent):
+    """A file was written by Lightning and persisted.
+
+    Example:
+        >>> def on_artifact_saved(self, event):
+        ...     if event.kind == "checkpoint":
+        ...         registry.register(uri=event.storage_uri, key=event.key)
+    """
+
+    event_type: Literal["artifact_saved"] = "artifact_saved"
+    monitor: str | None = None
+    score: Score = Field(
+        default=None, description="Value of ``monitor`` at save time; None if NaN."
+    )
+    is_best: bool = Field(
+        default=False,
+        description="Whether this checkpoint is the callback's best model now.",
+    )
+
+
+class ArtifactRemovedEvent(_ArtifactEvent):
+    """Lightning deleted a checkpoint it had saved (top-k eviction)."""
+
+    event_type: Literal["artifact_removed"] = "artifact_removed"
+
+
+class PersistRequest(BaseModel):
+    """What the callback asks a persister to store."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: ArtifactKind
+    key: ArtifactKey
+    local_path: Path
+    run_uid: str | None = None
+    description: str = ""
+    is_run_input: bool = Field(
+        default=False, description="Link the artifact as an input of the run."
+    )
+    is_run_output: bool = Field(
+        default=True, description="Link the artifact as an output of the run."
+    )
+
+
+class PersistedArtifact(BaseModel):
+    """What a persister returns for a stored file."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    storage_uri: str
+    artifact: object | None = Field(default=None, exclude=True, repr=False)
+    artifact_uid: str | None = None
