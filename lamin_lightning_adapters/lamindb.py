@@ -1,0 +1,126 @@
+"""LaminDB persister: checkpoints, configs and hparams as LaminDB artifacts.
+
+Lineage follows the spec: checkpoints are outputs of the tracked run, the
+LightningCLI config is an input, ``hparams.yaml`` is neither. The run comes
+from ``ln.track()``.
+
+Offline: saving a file that lies outside the instance's storage root makes
+lamindb ask the LaminHub whether the instance is registered there, which fails
+without network. An anonymous user cannot have registered an instance on the
+hub, so for a local instance of an anonymous user we record "not on hub"
+before the first save. This touches a private lamindb-setup attribute
+(``InstanceSettings._is_on_hub``); the lamindb range in ``pyproject.toml`` is
+pinned to versions where that is tested.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lamin_lightning_core._errors import LaminLightningError, PluginUnavailable
+from lamin_lightning_core._events import PersistedArtifact
+from lamin_lightning_core.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from lamin_lightning_core._events import ArtifactRemovedEvent, PersistRequest
+
+if importlib.util.find_spec("lamindb") is None:
+    raise PluginUnavailable("lamindb", "lamindb")
+
+log = logging.getLogger(__name__)
+
+_KINDS = {"checkpoint": "model", "config": None, "hparams": None}
+
+
+def _lamindb() -> ModuleType:
+    """Import lamindb, check an instance is configured, make saves offline-safe.
+
+    Raises:
+        LaminLightningError: if no LaminDB instance is configured.
+    """
+    import lamindb_setup
+
+    if not lamindb_setup.settings.is_configured:
+        raise LaminLightningError(
+            "The lamindb plugin is installed but no LaminDB instance is "
+            "configured. Create a local one with `lamin init --storage ./lamindb` "
+            "(or connect with `lamin connect <owner/name>`), or switch the plugin "
+            "off with LAMIN_LIGHTNING_DISABLE_PLUGINS=lamindb."
+        )
+    mark_local_instance_offline_safe()
+    import lamindb
+
+    return lamindb
+
+
+def mark_local_instance_offline_safe() -> None:
+    """Spare a local instance of an anonymous user the LaminHub lookup."""
+    import lamindb_setup
+
+    settings = lamindb_setup.settings
+    instance = settings.instance
+    if (
+        instance._is_on_hub is None
+        and settings.user.handle == "anonymous"
+        and not instance.is_remote
+    ):
+        log.debug("Local instance of an anonymous user: not on LaminHub")
+        instance._is_on_hub = False
+
+
+def storage_uri(artifact: Any) -> str:
+    """The URI of an artifact's bytes: ``file://`` locally, else the cloud URI."""
+    path = artifact.path
+    if isinstance(path, Path):
+        return path.resolve().as_uri()
+    return str(path)
+
+
+@hookimpl
+def lamin_lightning_run_uid() -> str | None:
+    run = _lamindb().context.run
+    return None if run is None else str(run.uid)
+
+
+@hookimpl
+def lamin_lightning_persist_artifact(request: PersistRequest) -> PersistedArtifact:
+    ln = _lamindb()
+    run = ln.context.run
+    if request.run_uid is None or run is None or run.uid != request.run_uid:
+        run = None
+    previous = ln.Artifact.filter(key=request.key, is_latest=True).first()
+    artifact = ln.Artifact(
+        request.local_path,
+        key=request.key,
+        description=request.description,
+        kind=_KINDS[request.kind],
+        run=run if request.is_run_output and run is not None else False,
+        skip_hash_lookup=True,
+    ).save()
+    if request.is_run_input and run is not None:
+        run.input_artifacts.add(artifact)
+    if previous is not None and run is not None and previous.run_id == run.id:
+        # Lightning overwrote a file it wrote earlier in this run (last.ckpt):
+        # keep one artifact per key and run, as on disk. Another run's
+        # artifact under the same key stays, as an older version.
+        previous.delete(permanent=True, storage=True)
+    log.debug("Saved LaminDB artifact %s for %s", artifact.uid, request.key)
+    return PersistedArtifact(
+        storage_uri=storage_uri(artifact), artifact=artifact, artifact_uid=artifact.uid
+    )
+
+
+@hookimpl
+def lamin_lightning_delete_artifact(event: ArtifactRemovedEvent) -> bool | None:
+    ln = _lamindb()
+    artifact = event.artifact
+    if not isinstance(artifact, ln.Artifact):
+        return None
+    artifact.delete(permanent=True, storage=True)
+    log.debug("Deleted LaminDB artifact %s (%s)", event.artifact_uid, event.key)
+    return True

@@ -1,0 +1,55 @@
+"""Keep PyTorch Lightning checkpoints traceable.
+
+Use it as ``import lamin_lightning_core as ll``.
+"""
+
+from __future__ import annotations
+
+from lamin_lightning_core._bus import DeliveryFailure
+from lamin_lightning_core._checkpoint import Checkpoint
+from lamin_lightning_core._cli import SaveConfigCallback
+from lamin_lightning_core._errors import (
+    LaminLightningError,
+    LaminLightningWarning,
+    PersistError,
+    PluginDeliveryWarning,
+    PluginLoadError,
+    PluginUnavailable,
+)
+from lamin_lightning_core._events import (
+    SCHEMA_VERSION,
+    ArtifactKind,
+    ArtifactRemovedEvent,
+    ArtifactSavedEvent,
+    FitEndedEvent,
+    FitStartedEvent,
+    PersistedArtifact,
+    PersistRequest,
+)
+from lamin_lightning_core._features import save_lightning_features
+from lamin_lightning_core._observers import ArtifactObserver
+from lamin_lightning_core.hookspecs import hookimpl, hookspec
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "ArtifactKind",
+    "ArtifactObserver",
+    "ArtifactRemovedEvent",
+    "ArtifactSavedEvent",
+    "Checkpoint",
+    "DeliveryFailure",
+    "FitEndedEvent",
+    "FitStartedEvent",
+    "LaminLightningError",
+    "LaminLightningWarning",
+    "PersistError",
+    "PersistRequest",
+    "PersistedArtifact",
+    "PluginDeliveryWarning",
+    "PluginLoadError",
+    "PluginUnavailable",
+    "SaveConfigCallback",
+    "hookimpl",
+    "hookspec",
+    "save_lightning_features",
+]

@@ -1,0 +1,307 @@
+"""The hook bus: plugin discovery, validation and the failure policy.
+
+Failure policy, in one place:
+
+* persister hooks (``firstresult``) are loud: an exception is re-raised as
+  :class:`PersistError` naming the plugin, its distribution and the file;
+* broadcast hooks (registrars, observers) are isolated: an exception is logged
+  with the plugin's name and distribution, warned about once per plugin, and
+  kept as a :class:`DeliveryFailure`; the remaining plugins are still called.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from lamin_lightning_core import _local, hookspecs
+from lamin_lightning_core._errors import (
+    PersistError,
+    PluginDeliveryWarning,
+    PluginLoadError,
+    PluginUnavailable,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from lamin_lightning_core._events import (
+        LifecycleEvent,
+        PersistedArtifact,
+        PersistRequest,
+    )
+
+log = logging.getLogger(__name__)
+
+DISABLE_ENV = "LAMIN_LIGHTNING_DISABLE_PLUGINS"
+"""Comma-separated plugin names to switch off before they are imported."""
+AUTOLOAD_ENV = "LAMIN_LIGHTNING_DISABLE_AUTOLOAD"
+"""Set to 1 to load no entry-point plugin at all."""
+LOCAL_PERSISTER = "local"
+
+
+@dataclass(frozen=True)
+class DeliveryFailure:
+    """A broadcast that one plugin failed to handle."""
+
+    plugin: str
+    distribution: str | None
+    hook: str
+    event: LifecycleEvent
+    error: BaseException
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """What ``lamin-lightning plugins`` lists for one plugin."""
+
+    name: str
+    distribution: str | None
+    version: str | None
+    hooks: tuple[str, ...]
+    status: str
+
+
+class PluginBus:
+    """A pluggy manager for one callback, plus the failure policy."""
+
+    def __init__(self, manager: pluggy.PluginManager) -> None:
+        self.manager = manager
+        self.failures: list[DeliveryFailure] = []
+        self.distributions: dict[str, tuple[str, str]] = {}
+        self.inactive: dict[str, str] = {}
+        self._warned: set[str] = set()
+
+    def register(self, plugin: object, name: str | None = None) -> str:
+        """Register a plugin object and validate its hooks.
+
+        Raises:
+            PluginLoadError: if a hook is unknown or has a wrong signature.
+        """
+        try:
+            registered = self.manager.register(plugin, name=name)
+        except pluggy.PluginValidationError as error:
+            raise PluginLoadError(_explain_invalid(error)) from error
+        if registered is None:
+            raise PluginLoadError(f"Plugin {name!r} is blocked or already present.")
+        self.check_pending()
+        return registered
+
+    def check_pending(self) -> None:
+        """Reject hook implementations that match no hook specification."""
+        try:
+            self.manager.check_pending()
+        except pluggy.PluginValidationError as error:
+            raise PluginLoadError(_explain_invalid(error)) from error
+
+    def distribution_of(self, plugin: str) -> str | None:
+        dist = self.distributions.get(plugin)
+        return f"{dist[0]} {dist[1]}" if dist else None
+
+    def run_uid(self) -> str | None:
+        """Ask the persister for the tracked run's UID."""
+        return self.manager.hook.lamin_lightning_run_uid()  # type: ignore[no-any-return]
+
+    def persist(self, request: PersistRequest) -> PersistedArtifact:
+        """Persist a file through the first persister that answers.
+
+        Raises:
+            PersistError: naming the plugin and the file, if a persister failed.
+        """
+        hook = self.manager.hook.lamin_lightning_persist_artifact
+        for impl in reversed(hook.get_hookimpls()):
+            try:
+                result = _call(impl, request=request)
+            except Exception as error:
+                raise PersistError(
+                    f"Persister {self._describe(impl.plugin_name)} failed to store "
+                    f"{request.local_path} as {request.key!r}: {error}. The file is "
+                    "still on local disk. Fix the cause (see the error above) or "
+                    f"switch the plugin off with {DISABLE_ENV}={impl.plugin_name}."
+                ) from error
+            if result is not None:
+                return result  # type: ignore[no-any-return]
+        raise PersistError(f"No persister stored {request.local_path}.")
+
+    def delete(self, event: LifecycleEvent) -> None:
+        """Mirror a deletion in the persister; errors are loud as for ``persist``."""
+        hook = self.manager.hook.lamin_lightning_delete_artifact
+        for impl in reversed(hook.get_hookimpls()):
+            try:
+                if _call(impl, event=event) is not None:
+                    return
+            except Exception as error:
+                raise PersistError(
+                    f"Persister {self._describe(impl.plugin_name)} failed to "
+                    f"delete {getattr(event, 'key', '?')!r}: {error}"
+                ) from error
+
+    def broadcast(self, hook_name: str, event: LifecycleEvent) -> None:
+        """Call every implementation of a broadcast hook, isolating failures."""
+        hook = getattr(self.manager.hook, hook_name)
+        for impl in reversed(hook.get_hookimpls()):
+            try:
+                _call(impl, event=event)
+            except Exception as error:
+                self._record_failure(impl.plugin_name, hook_name, event, error)
+
+    def _record_failure(
+        self, plugin: str, hook: str, event: LifecycleEvent, error: Exception
+    ) -> None:
+        failure = DeliveryFailure(
+            plugin, self.distribution_of(plugin), hook, event, error
+        )
+        self.failures.append(failure)
+        log.error(
+            "Plugin %s failed in %s for %s: %r; training goes on and the event "
+            "is kept in Checkpoint.delivery_failures",
+            self._describe(plugin),
+            hook,
+            getattr(event, "key", event.event_id),
+            error,
+            exc_info=error,
+        )
+        if plugin not in self._warned:
+            self._warned.add(plugin)
+            warnings.warn(
+                f"Plugin {self._describe(plugin)} failed in {hook}: {error!r}. "
+                "Training goes on; later failures of this plugin are logged only.",
+                PluginDeliveryWarning,
+                stacklevel=2,
+            )
+
+    def _describe(self, plugin: str) -> str:
+        dist = self.distribution_of(plugin)
+        return f"{plugin!r} (from {dist})" if dist else repr(plugin)
+
+    def plugin_infos(self) -> list[PluginInfo]:
+        """Describe active and inactive plugins, sorted by name."""
+        infos = []
+        for name, plugin in self.manager.list_name_plugin():
+            callers = self.manager.get_hookcallers(plugin) or []
+            dist = self.distributions.get(name)
+            infos.append(
+                PluginInfo(
+                    name=name,
+                    distribution=dist[0] if dist else None,
+                    version=dist[1] if dist else None,
+                    hooks=tuple(sorted(caller.name for caller in callers)),
+                    status="active",
+                )
+            )
+        for name, reason in self.inactive.items():
+            dist = self.distributions.get(name)
+            infos.append(
+                PluginInfo(
+                    name,
+                    dist[0] if dist else None,
+                    dist[1] if dist else None,
+                    (),
+                    reason,
+                )
+            )
+        return sorted(infos, key=lambda info: info.name)
+
+
+def disabled_from_env() -> set[str]:
+    raw = os.environ.get(DISABLE_ENV, "")
+    return {name.strip() for name in raw.split(",") if name.strip()}
+
+
+def create_bus(
+    plugins: Iterable[object] = (),
+    disable: Iterable[str] = (),
+    autoload: bool | None = None,
+) -> PluginBus:
+    """Build a bus: hook specs, the local persister, entry points, ``plugins``.
+
+    Args:
+        plugins: plugin objects to register in addition to entry points.
+        disable: plugin names to block (added to ``LAMIN_LIGHTNING_DISABLE_PLUGINS``).
+        autoload: load entry-point plugins; defaults to true unless
+            ``LAMIN_LIGHTNING_DISABLE_AUTOLOAD=1``.
+
+    Raises:
+        PluginLoadError: if any plugin fails to import or validate; every
+            plugin is tried first and all failures are listed.
+    """
+    manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    manager.add_hookspecs(hookspecs)
+    bus = PluginBus(manager)
+    for name in {*disable, *disabled_from_env()}:
+        manager.set_blocked(name)
+    bus.register(_local, name=LOCAL_PERSISTER)
+    if autoload is None:
+        autoload = os.environ.get(AUTOLOAD_ENV, "") not in ("1", "true", "yes")
+    if autoload:
+        _load_entry_points(bus)
+    for plugin in plugins:
+        bus.register(plugin)
+    return bus
+
+
+def _load_entry_points(bus: PluginBus) -> None:
+    # pluggy's load_setuptools_entrypoints stops at the first broken plugin and
+    # does not say which distribution it came from; we try them all and report
+    # every failure at once, before training starts.
+    problems = []
+    for ep in entry_points(group=hookspecs.PROJECT_NAME):
+        dist = getattr(ep, "dist", None)
+        if dist is not None:
+            bus.distributions[ep.name] = (dist.metadata["Name"], dist.version)
+        if bus.manager.is_blocked(ep.name):
+            bus.inactive[ep.name] = "disabled"
+            log.debug("Plugin %r is disabled", ep.name)
+            continue
+        if bus.manager.has_plugin(ep.name):
+            continue
+        try:
+            plugin = ep.load()
+        except PluginUnavailable as unavailable:
+            bus.inactive[ep.name] = f"inactive: {unavailable}"
+            log.debug("Plugin %r inactive: %s", ep.name, unavailable)
+            continue
+        except Exception as error:
+            problems.append(
+                f"- {bus._describe(ep.name)} failed to import from {ep.value!r}: "
+                f"{type(error).__name__}: {error}"
+            )
+            continue
+        try:
+            bus.register(plugin, name=ep.name)
+        except PluginLoadError as error:
+            problems.append(f"- {bus._describe(ep.name)}: {error}")
+    if problems:
+        raise PluginLoadError(
+            "Some lamin-lightning plugins could not be loaded:\n"
+            + "\n".join(problems)
+            + f"\nFix or uninstall them, or switch them off by name with "
+            f"{DISABLE_ENV}=<name>[,<name>...] or Checkpoint(disable_plugins=[...])."
+        )
+
+
+def _explain_invalid(error: pluggy.PluginValidationError) -> str:
+    known = [name for name in dir(hookspecs) if name.startswith("lamin_lightning_")]
+    text = str(error)
+    hint = ""
+    for word in text.replace("'", " ").split():
+        if word.startswith("lamin_lightning_") and word not in known:
+            close = difflib.get_close_matches(word, known, n=1)
+            if close:
+                hint = f" Did you mean {close[0]!r}?"
+    return (
+        f"Invalid hook implementation in plugin {error.plugin!r}: {text}.{hint} "
+        f"Known hooks: {', '.join(known)} (see lamin_lightning_core.hookspecs)."
+    )
+
+
+def _call(impl: pluggy.HookImpl, **kwargs: Any) -> Any:
+    # An implementation may accept any subset of the hook's arguments.
+    return impl.function(*(kwargs[name] for name in impl.argnames))
