@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +74,56 @@ def mark_local_instance_offline_safe() -> None:
     ):
         log.debug("Local instance of an anonymous user: not on LaminHub")
         instance._is_on_hub = False
+
+
+def ensure_local_instance(root: str | os.PathLike[str], name: str) -> str:
+    """Use the configured LaminDB instance, or an embedded one under ``root``.
+
+    Call it before ``lamindb`` is imported. If the environment already names
+    an instance (``LAMIN_CURRENT_INSTANCE``, or a current instance in the
+    LaminDB settings folder), nothing changes. Otherwise a local SQLite
+    instance ``name`` is created once under ``root`` (no network needed), its
+    settings are kept in ``root/settings`` so they don't touch the user's
+    home folder, and it becomes the current instance of this process and its
+    children.
+
+    Returns:
+        The slug of the instance in use, or ``"configured"`` if the
+        environment already had one.
+
+    Raises:
+        RuntimeError: if ``lamindb`` was imported already, or ``lamin init``
+            failed (its output is included).
+    """
+    if "LAMIN_CURRENT_INSTANCE" in os.environ or _settings_file(
+        "current_instance.env"
+    ).exists():
+        return "configured"
+    if "lamindb_setup" in sys.modules:
+        raise RuntimeError(
+            "ensure_local_instance() must run before lamindb is imported: the "
+            "settings folder is read at import time."
+        )
+    root = Path(root).resolve()
+    os.environ["LAMIN_SETTINGS_DIR"] = str(root / "settings")
+    os.environ.setdefault("LAMIN_CACHE_DIR", str(root / "cache"))
+    slug = f"anonymous/{name}"
+    if not _settings_file(f"instance--anonymous--{name}.env").exists():
+        command = ["lamin", "init", "--storage", str(root / "storage"), "--name", name]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"`{' '.join(command)}` failed with exit code {done.returncode}:\n"
+                f"{done.stdout}{done.stderr}"
+            )
+        log.info("Created the local LaminDB instance %s under %s", slug, root)
+    os.environ["LAMIN_CURRENT_INSTANCE"] = slug
+    return slug
+
+
+def _settings_file(name: str) -> Path:
+    base = os.environ.get("LAMIN_SETTINGS_DIR") or str(Path.home())
+    return Path(base) / ".lamin" / name
 
 
 def storage_uri(artifact: Any) -> str:
