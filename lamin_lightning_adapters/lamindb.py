@@ -95,9 +95,10 @@ def ensure_local_instance(root: str | os.PathLike[str], name: str) -> str:
         RuntimeError: if ``lamindb`` was imported already, or ``lamin init``
             failed (its output is included).
     """
-    if "LAMIN_CURRENT_INSTANCE" in os.environ or _settings_file(
-        "current_instance.env"
-    ).exists():
+    if (
+        "LAMIN_CURRENT_INSTANCE" in os.environ
+        or _settings_file("current_instance.env").exists()
+    ):
         return "configured"
     if "lamindb_setup" in sys.modules:
         raise RuntimeError(

@@ -35,7 +35,14 @@ for name in ("LAMIN_LIGHTNING_DISABLE_PLUGINS", "LAMIN_LIGHTNING_DISABLE_AUTOLOA
 def lamin_instance() -> Iterator[str]:
     """Create the session's LaminDB instance before any test runs."""
     subprocess.run(
-        ["lamin", "init", "--storage", str(SESSION_ROOT / "storage"), "--name", INSTANCE],
+        [
+            "lamin",
+            "init",
+            "--storage",
+            str(SESSION_ROOT / "storage"),
+            "--name",
+            INSTANCE,
+        ],
         check=True,
         capture_output=True,
     )

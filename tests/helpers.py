@@ -67,3 +67,18 @@ def fit(
     )
     trainer.fit(ScriptedModule(scores), loader())
     return trainer
+
+
+class TinyDataModule(pl.LightningDataModule):
+    """Random regression data for CLI tests.
+
+    Args:
+        batch_size: samples per batch.
+    """
+
+    def __init__(self, batch_size: int = 4) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return loader(batch_size=self.batch_size)

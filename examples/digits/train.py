@@ -19,7 +19,6 @@ ensure_local_instance(PROJECT / ".lamin-lightning", name="lamin-lightning-demo")
 import lamindb as ln  # noqa: E402  (after the instance is chosen)
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
 
 import lamin_lightning_core as ll  # noqa: E402
 from lamin_lightning_adapters.lamindb import mark_local_instance_offline_safe  # noqa: E402

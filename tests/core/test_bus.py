@@ -68,7 +68,9 @@ def test_failing_persister_is_loud_and_names_plugin_and_file(tmp_path: Path) -> 
 def test_without_persister_the_local_one_reports_a_file_uri(tmp_path: Path) -> None:
     bus = create_bus(autoload=False)
     path = tmp_path / "x.ckpt"
-    result = bus.persist(ll.PersistRequest(kind="checkpoint", key="c/x", local_path=path))
+    result = bus.persist(
+        ll.PersistRequest(kind="checkpoint", key="c/x", local_path=path)
+    )
     assert result.storage_uri == path.resolve().as_uri()
     assert result.artifact is None
 
@@ -101,7 +103,9 @@ def _install_fake_distribution(root: Path, name: str, module: str, body: str) ->
     # distribution name from the folder up to the first dash.
     dist = root / f"{name.replace('-', '_')}-1.2.3.dist-info"
     dist.mkdir(parents=True)
-    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.2.3\n")
+    (dist / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.2.3\n"
+    )
     (dist / "entry_points.txt").write_text(f"[lamin_lightning]\n{name} = {module}\n")
     (root / f"{module}.py").write_text(body)
 
@@ -158,7 +162,9 @@ def test_misspelled_hook_in_an_installed_plugin_fails_at_start_up(site: Path) ->
 def test_environment_switches(site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _install_fake_distribution(site, "ll-good", "ll_good_plugin", GOOD)
     importlib.invalidate_caches()
-    monkeypatch.setenv("LAMIN_LIGHTNING_DISABLE_PLUGINS", "ll-good,wandb,mlflow,clearml")
+    monkeypatch.setenv(
+        "LAMIN_LIGHTNING_DISABLE_PLUGINS", "ll-good,wandb,mlflow,clearml"
+    )
     bus = create_bus()
     assert not bus.manager.has_plugin("ll-good")
     assert "ll_good_plugin" not in sys.modules  # blocked before import

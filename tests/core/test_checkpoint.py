@@ -94,7 +94,9 @@ def test_eviction_emits_removed_events_after_their_saves(tmp_path: Path) -> None
 
 def test_local_persister_keys_and_uris_without_logger(tmp_path: Path) -> None:
     observer = Recorder()
-    checkpoint = ll.Checkpoint(artifact_observers=[observer], disable_plugins=LOCAL_ONLY)
+    checkpoint = ll.Checkpoint(
+        artifact_observers=[observer], disable_plugins=LOCAL_ONLY
+    )
     fit([checkpoint], tmp_path, steps=2)
 
     [event] = observer.saved
@@ -111,7 +113,9 @@ def test_dirpath_and_logger_keys_with_hparams(tmp_path: Path) -> None:
     observer = Recorder()
     logger = CSVLogger(tmp_path / "logs", name="exp")
     checkpoint = ll.Checkpoint(
-        dirpath=tmp_path / "ckpts", artifact_observers=[observer], disable_plugins=LOCAL_ONLY
+        dirpath=tmp_path / "ckpts",
+        artifact_observers=[observer],
+        disable_plugins=LOCAL_ONLY,
     )
     os.chdir(tmp_path)
     fit([checkpoint], tmp_path, steps=2, logger=logger)
@@ -149,7 +153,10 @@ def test_save_last_link_is_not_persisted_twice(tmp_path: Path) -> None:
 def test_save_last_true_publishes_last_ckpt(tmp_path: Path) -> None:
     observer = Recorder()
     checkpoint = ll.Checkpoint(
-        save_top_k=0, save_last=True, artifact_observers=[observer], disable_plugins=LOCAL_ONLY
+        save_top_k=0,
+        save_last=True,
+        artifact_observers=[observer],
+        disable_plugins=LOCAL_ONLY,
     )
     fit([checkpoint], tmp_path, steps=2)
     assert [e.key for e in observer.saved] == ["checkpoints/last.ckpt"]
@@ -195,25 +202,34 @@ def test_observer_without_methods_is_rejected() -> None:
 
 def test_unknown_kind_is_a_clear_error(tmp_path: Path) -> None:
     checkpoint = ll.Checkpoint(disable_plugins=LOCAL_ONLY)
-    with pytest.raises(ValueError, match=r"Unknown artifact kind 'model'.*'checkpoint'"):
+    with pytest.raises(
+        ValueError, match=r"Unknown artifact kind 'model'.*'checkpoint'"
+    ):
         checkpoint.last_event("model")  # type: ignore[arg-type]
 
 
 def test_prefix_is_unknown_before_setup() -> None:
     checkpoint = ll.Checkpoint(disable_plugins=LOCAL_ONLY)
-    with pytest.raises(RuntimeError, match="during or after trainer.fit"):
+    with pytest.raises(RuntimeError, match=r"during or after trainer\.fit"):
         _ = checkpoint.base_prefix
 
 
 def test_two_callbacks_have_distinct_ids(tmp_path: Path) -> None:
     observer = Recorder()
     first = ll.Checkpoint(
-        monitor="score", filename="a-{step}", artifact_observers=[observer],
+        monitor="score",
+        filename="a-{step}",
+        artifact_observers=[observer],
         disable_plugins=LOCAL_ONLY,
     )
     second = ll.Checkpoint(
-        monitor="train_loss", filename="b-{step}", artifact_observers=[observer],
+        monitor="train_loss",
+        filename="b-{step}",
+        artifact_observers=[observer],
         disable_plugins=LOCAL_ONLY,
     )
     fit([first, second], tmp_path, steps=2)
-    assert {e.callback_id for e in observer.saved} == {first.state_key, second.state_key}
+    assert {e.callback_id for e in observer.saved} == {
+        first.state_key,
+        second.state_key,
+    }

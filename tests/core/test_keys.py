@@ -85,7 +85,12 @@ def test_base_prefix_follows_the_spec_table(
             f"{UID}/checkpoints/hparams.yaml",
             f"{UID}/config.yaml",
         ),
-        ("", "checkpoints/epoch=0-step=100.ckpt", "checkpoints/hparams.yaml", "config.yaml"),
+        (
+            "",
+            "checkpoints/epoch=0-step=100.ckpt",
+            "checkpoints/hparams.yaml",
+            "config.yaml",
+        ),
     ],
     ids=["logger", "dirpath", "run-uid-only", "bare"],
 )
@@ -111,7 +116,14 @@ def test_string_logger_version_is_used_verbatim() -> None:
         ("out/../../up", "home/me/up"),
         ("a\\b", "a/b"),
     ],
-    ids=["dot", "absolute-inside-cwd", "absolute-outside", "climb", "hidden-climb", "backslash"],
+    ids=[
+        "dot",
+        "absolute-inside-cwd",
+        "absolute-outside",
+        "climb",
+        "hidden-climb",
+        "backslash",
+    ],
 )
 def test_dirpath_becomes_a_safe_relative_segment(dirpath: str, expected: str) -> None:
     assert dirpath_segment(dirpath, cwd=CWD) == expected

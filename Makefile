@@ -1,0 +1,28 @@
+# Two entry points: `make demo` (the main job) and `make test`.
+# Both create .venv on first use with the CPU build of torch that pip finds
+# on these machines, then the project with every extra.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint docs benchmark
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml tests/recorder_plugin/pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned: any resolver left alone would pull a multi-GB CUDA build
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev]" ./tests/recorder_plugin
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python examples/digits/train.py fit --config examples/digits/config.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check lamin_lightning_core lamin_lightning_adapters tests examples
+	$(BIN)/ruff format --check lamin_lightning_core lamin_lightning_adapters tests examples
