@@ -30,12 +30,20 @@ from lamin_lightning_core.hookspecs import hookimpl
 if TYPE_CHECKING:
     from types import ModuleType
 
-    from lamin_lightning_core._events import ArtifactRemovedEvent, PersistRequest
+    from lamin_lightning_adapters._lamindb_features import FeatureWriter
+    from lamin_lightning_core._events import (
+        ArtifactRemovedEvent,
+        FitStartedEvent,
+        PersistRequest,
+    )
 
 if importlib.util.find_spec("lamindb") is None:
     raise PluginUnavailable("lamindb", "lamindb")
 
 log = logging.getLogger(__name__)
+
+_writers: dict[str, FeatureWriter] = {}
+"""Feature writers of the fits in progress, by callback id."""
 
 _KINDS = {"checkpoint": "model", "config": None, "hparams": None}
 
@@ -141,12 +149,27 @@ def lamin_lightning_run_uid() -> str | None:
     return None if run is None else str(run.uid)
 
 
+def _tracked_run(ln: ModuleType, run_uid: str | None) -> Any:
+    run = ln.context.run
+    if run_uid is None or run is None or run.uid != run_uid:
+        return None
+    return run
+
+
+@hookimpl
+def lamin_lightning_prepare_run(event: FitStartedEvent) -> bool:
+    from lamin_lightning_adapters._lamindb_features import FeatureWriter
+
+    ln = _lamindb()
+    run = _tracked_run(ln, event.run_uid)
+    _writers[event.callback_id] = FeatureWriter(ln, event, run)
+    return True
+
+
 @hookimpl
 def lamin_lightning_persist_artifact(request: PersistRequest) -> PersistedArtifact:
     ln = _lamindb()
-    run = ln.context.run
-    if request.run_uid is None or run is None or run.uid != request.run_uid:
-        run = None
+    run = _tracked_run(ln, request.run_uid)
     previous = ln.Artifact.filter(key=request.key, is_latest=True).first()
     artifact = ln.Artifact(
         request.local_path,
@@ -163,6 +186,10 @@ def lamin_lightning_persist_artifact(request: PersistRequest) -> PersistedArtifa
         # keep one artifact per key and run, as on disk. Another run's
         # artifact under the same key stays, as an older version.
         previous.delete(permanent=True, storage=True)
+    writer = _writers.get(request.callback_id)
+    if writer is not None and request.kind == "checkpoint":
+        writer.annotate(artifact, request.key, request.features, request.auto_features)
+        writer.rerank(request.ranking)
     log.debug("Saved LaminDB artifact %s for %s", artifact.uid, request.key)
     return PersistedArtifact(
         storage_uri=storage_uri(artifact), artifact=artifact, artifact_uid=artifact.uid
@@ -176,5 +203,9 @@ def lamin_lightning_delete_artifact(event: ArtifactRemovedEvent) -> bool | None:
     if not isinstance(artifact, ln.Artifact):
         return None
     artifact.delete(permanent=True, storage=True)
+    writer = _writers.get(event.callback_id)
+    if writer is not None:
+        writer.forget(event.key)
+        writer.rerank(event.ranking)
     log.debug("Deleted LaminDB artifact %s (%s)", event.artifact_uid, event.key)
     return True

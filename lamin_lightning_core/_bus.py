@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from lamin_lightning_core._events import (
+        FitStartedEvent,
         LifecycleEvent,
         PersistedArtifact,
         PersistRequest,
@@ -107,7 +108,12 @@ class PluginBus:
 
     def run_uid(self) -> str | None:
         """Ask the persister for the tracked run's UID."""
-        return self.manager.hook.lamin_lightning_run_uid()  # type: ignore[no-any-return]
+        uid: str | None = self.manager.hook.lamin_lightning_run_uid()
+        return uid
+
+    def prepare_run(self, event: FitStartedEvent) -> None:
+        """Let the persister check features and annotate the run (loud)."""
+        self.manager.hook.lamin_lightning_prepare_run(event=event)
 
     def persist(self, request: PersistRequest) -> PersistedArtifact:
         """Persist a file through the first persister that answers.

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
-from lamin_lightning_core import _keys
+from lamin_lightning_core import _annotations, _keys
 from lamin_lightning_core._bus import DeliveryFailure, create_bus
 from lamin_lightning_core._events import (
     ArtifactRemovedEvent,
@@ -23,46 +23,25 @@ from lamin_lightning_core._events import (
     check_kind,
 )
 from lamin_lightning_core._observers import ObserverPlugin, check_observer
+from lamin_lightning_core._ranking import Ranking
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
     import pluggy
 
-    from lamin_lightning_core._events import ArtifactKind
+    from lamin_lightning_core._events import (
+        ArtifactKind,
+        CheckpointRank,
+        FeatureValue,
+    )
 
 log = logging.getLogger(__name__)
 
-FEATURE_LEVELS = ("run", "artifact")
 _DESCRIPTIONS = {
     "checkpoint": "Lightning model checkpoint",
     "config": "LightningCLI config",
     "hparams": "Lightning hparams.yaml",
 }
-
-
-def check_features(
-    features: Mapping[str, Mapping[str, Any]] | None,
-) -> dict[str, dict[str, Any]]:
-    """Validate the shape of ``features``: ``{"run": {...}, "artifact": {...}}``.
-
-    Raises:
-        ValueError: naming any key other than ``run`` and ``artifact``.
-    """
-    if features is None:
-        return {}
-    if not isinstance(features, Mapping):
-        raise TypeError(
-            f"features must be a dict like {{'run': {{...}}, 'artifact': {{...}}}}, "
-            f"got {type(features).__name__}."
-        )
-    unknown = sorted(set(features) - set(FEATURE_LEVELS))
-    if unknown:
-        raise ValueError(
-            f"features has unknown key(s) {unknown}: use 'run' for values of the "
-            "tracked run and 'artifact' for values of each checkpoint, e.g. "
-            "features={'run': {'lr': 0.1}, 'artifact': {'dataset_version': '1'}}."
-        )
-    return {level: dict(values) for level, values in features.items()}
 
 
 class Checkpoint(ModelCheckpoint):
@@ -103,7 +82,7 @@ class Checkpoint(ModelCheckpoint):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.features = check_features(features)
+        self.features = _annotations.check_features(features)
         self.run_uid_is_version = run_uid_is_version
         self._user_dirpath = kwargs.get("dirpath", args[0] if args else None)
         for observer in artifact_observers or ():
@@ -119,6 +98,7 @@ class Checkpoint(ModelCheckpoint):
         self._last: dict[str, ArtifactSavedEvent] = {}
         self._last_event: ArtifactSavedEvent | ArtifactRemovedEvent | None = None
         self._hparams_stamp: tuple[int, int] | None = None
+        self._ranking = Ranking(self.mode)  # type: ignore[arg-type]
 
     # -- subclass hooks -------------------------------------------------------
 
@@ -201,10 +181,10 @@ class Checkpoint(ModelCheckpoint):
         super().setup(trainer, pl_module, stage)
         self.resolve_prefix(trainer)
         if stage == "fit" and trainer.is_global_zero:
+            started = self._fit_started(trainer, pl_module)
+            self._bus.prepare_run(started)
             self._fit_status = "finished"
-            self._bus.broadcast(
-                "lamin_lightning_fit_started", self._fit_started(trainer)
-            )
+            self._bus.broadcast("lamin_lightning_fit_started", started)
 
     @override
     def on_exception(
@@ -255,6 +235,7 @@ class Checkpoint(ModelCheckpoint):
             artifact_uid=saved.artifact_uid,
             epoch=saved.epoch,
             global_step=saved.global_step,
+            ranking=self._ranking.remove(saved.key),
         )
         self._bus.delete(removed)
         self._last_event = removed
@@ -300,17 +281,30 @@ class Checkpoint(ModelCheckpoint):
         path = Path(local_path).resolve()
         key = self.key_for(kind, path)
         is_checkpoint = kind == "checkpoint"
-        persisted = self._bus.persist(
-            PersistRequest(
-                kind=kind,
-                key=key,
-                local_path=path,
-                run_uid=self._run_uid,
-                description=_DESCRIPTIONS[kind],
-                is_run_input=kind == "config",
-                is_run_output=is_checkpoint,
+        score = _as_float(self.current_score) if is_checkpoint else None
+        ranking = self._ranking.add(key, score) if is_checkpoint else {}
+        standing = self._ranking.standing(key) if is_checkpoint else None
+        features = self._artifact_features(trainer) if is_checkpoint else {}
+        try:
+            persisted = self._bus.persist(
+                PersistRequest(
+                    kind=kind,
+                    key=key,
+                    local_path=path,
+                    run_uid=self._run_uid,
+                    description=_DESCRIPTIONS[kind],
+                    is_run_input=kind == "config",
+                    is_run_output=is_checkpoint,
+                    callback_id=self.state_key,
+                    features=features,
+                    auto_features=self._auto_features(score, standing),
+                    ranking={k: v for k, v in ranking.items() if k != key},
+                )
             )
-        )
+        except Exception:
+            if is_checkpoint:
+                self._ranking.remove(key)
+            raise
         event = ArtifactSavedEvent(
             callback_id=self.state_key,
             run_uid=self._run_uid,
@@ -322,9 +316,13 @@ class Checkpoint(ModelCheckpoint):
             artifact_uid=persisted.artifact_uid,
             epoch=trainer.current_epoch,
             global_step=trainer.global_step,
+            ranking=ranking,
             monitor=self.monitor if is_checkpoint else None,
-            score=_as_float(self.current_score) if is_checkpoint else None,
-            is_best=is_checkpoint and self.best_model_path == str(local_path),
+            score=score,
+            is_best=standing is not None and standing.is_best_model,
+            mode=self.mode if is_checkpoint else None,  # type: ignore[arg-type]
+            save_weights_only=self.save_weights_only if is_checkpoint else None,
+            features=features,
         )
         if is_checkpoint:
             self._saved[str(path)] = event
@@ -355,8 +353,28 @@ class Checkpoint(ModelCheckpoint):
                 pass
         return path.name
 
-    def _fit_started(self, trainer: pl.Trainer) -> FitStartedEvent:
+    def _artifact_features(self, trainer: pl.Trainer) -> dict[str, FeatureValue]:
+        values = self.features.get("artifact", {})
+        return _annotations.resolve_artifact_features(trainer, values)
+
+    def _auto_features(
+        self, score: float | None, standing: CheckpointRank | None
+    ) -> dict[str, FeatureValue]:
+        if standing is None:
+            return {}
+        return {
+            "score": score,
+            "monitor": self.monitor,
+            "mode": self.mode,
+            "save_weights_only": self.save_weights_only,
+            **standing.model_dump(),
+        }
+
+    def _fit_started(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> FitStartedEvent:
         layout = _logger_layout(trainer)
+        config = _annotations.trainer_config(trainer, layout, self.monitor, self.mode)
         return FitStartedEvent(
             callback_id=self.state_key,
             run_uid=self._run_uid,
@@ -366,6 +384,10 @@ class Checkpoint(ModelCheckpoint):
             logger_version=_keys.version_segment(layout.version) if layout else None,
             monitor=self.monitor,
             mode=self.mode,  # type: ignore[arg-type]
+            run_features=self.features.get("run", {}),
+            artifact_features=self.features.get("artifact", {}),
+            trainer_config=config,
+            hyperparameters=_annotations.hyperparameters(pl_module, trainer),
         )
 
 
@@ -393,4 +415,5 @@ def _as_float(value: Any) -> float | None:
     if value is None:
         return None
     number = float(value)
-    return None if math.isnan(number) else number
+    # Lightning replaces a NaN score with +-inf to compare it; neither is a score.
+    return number if math.isfinite(number) else None

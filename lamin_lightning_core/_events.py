@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Annotated, Final, Literal, get_args
 from uuid import UUID, uuid4
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+)
 
 SCHEMA_VERSION: Final = 1
 """Bumped whenever a field changes meaning or is removed."""
@@ -61,14 +68,17 @@ def check_key(key: str) -> str:
 
 
 def _finite_or_none(value: float | None) -> float | None:
-    # JSON has no NaN; a NaN score means "no usable score" for every consumer.
-    if value is None or math.isnan(value):
+    # JSON has no NaN or infinity; Lightning turns a NaN score into +-inf for
+    # its comparisons. Either means "no usable score" for every consumer.
+    if value is None or not math.isfinite(value):
         return None
     return value
 
 
 ArtifactKey = Annotated[str, AfterValidator(check_key)]
 Score = Annotated[float | None, AfterValidator(_finite_or_none)]
+FeatureValue = StrictBool | StrictInt | float | str | None
+"""A feature value as it travels on events: JSON scalars only."""
 
 
 def _now() -> datetime:
@@ -92,6 +102,16 @@ class LifecycleEvent(BaseModel):
     )
 
 
+class CheckpointRank(BaseModel):
+    """Where a checkpoint stands among the kept checkpoints of its callback."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model_rank: int = Field(ge=0, description="0 is the best by score and mode.")
+    is_best_model: bool
+    is_last_model: bool
+
+
 class FitStartedEvent(LifecycleEvent):
     """A fit with a publishing checkpoint callback is about to train."""
 
@@ -102,6 +122,23 @@ class FitStartedEvent(LifecycleEvent):
     logger_version: str | None = None
     monitor: str | None = None
     mode: Literal["min", "max"]
+    run_features: dict[str, FeatureValue] = Field(
+        default_factory=dict, description="The user's run-level feature values."
+    )
+    artifact_features: dict[str, FeatureValue] = Field(
+        default_factory=dict,
+        description="The user's artifact-level values; None is filled at save time.",
+    )
+    trainer_config: dict[str, FeatureValue] = Field(
+        default_factory=dict,
+        description="Run-level auto-feature values: logger_name, logger_version, "
+        "max_epochs, max_steps, precision, accumulate_grad_batches, "
+        "gradient_clip_val, monitor, mode.",
+    )
+    hyperparameters: dict[str, FeatureValue] = Field(
+        default_factory=dict,
+        description="Scalar hyperparameters of the model and the datamodule.",
+    )
 
 
 class FitEndedEvent(LifecycleEvent):
@@ -128,6 +165,11 @@ class _ArtifactEvent(LifecycleEvent):
     artifact_uid: str | None = None
     epoch: int | None = None
     global_step: int | None = None
+    ranking: dict[str, CheckpointRank] = Field(
+        default_factory=dict,
+        description="Checkpoint keys of this callback whose rank or flags changed "
+        "with this event, and their new standing (empty for config/hparams).",
+    )
 
 
 class ArtifactSavedEvent(_ArtifactEvent):
@@ -147,6 +189,12 @@ class ArtifactSavedEvent(_ArtifactEvent):
     is_best: bool = Field(
         default=False,
         description="Whether this checkpoint is the callback's best model now.",
+    )
+    mode: Literal["min", "max"] | None = None
+    save_weights_only: bool | None = None
+    features: dict[str, FeatureValue] = Field(
+        default_factory=dict,
+        description="The user's artifact-level feature values for this file.",
     )
 
 
@@ -171,6 +219,19 @@ class PersistRequest(BaseModel):
     )
     is_run_output: bool = Field(
         default=True, description="Link the artifact as an output of the run."
+    )
+    callback_id: str = ""
+    features: dict[str, FeatureValue] = Field(
+        default_factory=dict, description="The user's artifact-level values."
+    )
+    auto_features: dict[str, FeatureValue] = Field(
+        default_factory=dict,
+        description="Auto-feature values of this file (score, monitor, mode, "
+        "save_weights_only, model_rank, is_best_model, is_last_model).",
+    )
+    ranking: dict[str, CheckpointRank] = Field(
+        default_factory=dict,
+        description="Other checkpoint keys whose rank or flags changed.",
     )
 
 

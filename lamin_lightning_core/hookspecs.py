@@ -68,6 +68,25 @@ def lamin_lightning_run_uid() -> str | None:
 
 
 @hookspec(firstresult=True)
+def lamin_lightning_prepare_run(event: FitStartedEvent) -> bool | None:
+    """Check and record what the fit will annotate, before training starts.
+
+    Called once per fit and callback during ``setup``, after
+    ``lamin_lightning_run_uid`` and before the ``fit_started`` broadcast. A
+    persister with a feature registry checks here that every name in
+    ``event.run_features`` and ``event.artifact_features`` exists, and
+    annotates the run with the run-level values, the trainer configuration and
+    the hyperparameters whose names exist as features.
+
+    Raising here stops the fit before the first training step: list every
+    missing name at once and say how to create them.
+
+    Returns:
+        ``True`` once handled. Stops at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
 def lamin_lightning_persist_artifact(
     request: PersistRequest,
 ) -> PersistedArtifact | None:
@@ -77,9 +96,14 @@ def lamin_lightning_persist_artifact(
     config or ``hparams.yaml``, and before any ``artifact_saved`` broadcast.
     Saving a key that the same run saved before replaces it.
 
+    For checkpoints, ``request.features`` and ``request.auto_features`` are
+    the values to annotate the new artifact with, and ``request.ranking`` the
+    other checkpoints of the same callback whose ``model_rank``,
+    ``is_best_model`` or ``is_last_model`` changed with this save.
+
     Args:
-        request: kind, key, local path, run UID and how to link the artifact
-            to the run.
+        request: kind, key, local path, run UID, how to link the artifact to
+            the run, and its annotations.
 
     Returns:
         The persisted record and its storage URI. Stops at the first non-None
@@ -94,7 +118,8 @@ def lamin_lightning_delete_artifact(event: ArtifactRemovedEvent) -> bool | None:
 
     Called when top-k eviction deleted ``event.local_path``, before the
     ``artifact_removed`` broadcast. ``event.artifact`` is the record the same
-    persister returned when the file was saved.
+    persister returned when the file was saved; ``event.ranking`` the
+    remaining checkpoints whose standing changed with the eviction.
 
     Returns:
         ``True`` once handled. Stops at the first non-None result.

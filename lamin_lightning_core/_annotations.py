@@ -1,0 +1,152 @@
+"""Feature values: checked at construction, resolved from the trainer."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from lamin_lightning_core._keys import version_segment
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+    from lamin_lightning_core._events import FeatureValue
+    from lamin_lightning_core._keys import LoggerLayout
+
+log = logging.getLogger(__name__)
+
+FEATURE_LEVELS = ("run", "artifact")
+
+AUTO_ARTIFACT_FEATURES = (
+    "is_best_model",
+    "is_last_model",
+    "score",
+    "model_rank",
+    "save_weights_only",
+    "monitor",
+    "mode",
+)
+AUTO_RUN_FEATURES = (
+    "logger_name",
+    "logger_version",
+    "max_epochs",
+    "max_steps",
+    "precision",
+    "accumulate_grad_batches",
+    "gradient_clip_val",
+    "monitor",
+    "mode",
+)
+
+
+def check_features(
+    features: Mapping[str, Mapping[str, Any]] | None,
+) -> dict[str, dict[str, FeatureValue]]:
+    """Validate ``features``: ``{"run": {...}, "artifact": {...}}`` of scalars.
+
+    Raises:
+        TypeError: if ``features`` or a level is not a dict, or a value is not
+            a bool, int, float, str (or ``None`` at artifact level).
+        ValueError: naming any key other than ``run`` and ``artifact``.
+    """
+    if features is None:
+        return {}
+    if not isinstance(features, Mapping):
+        raise TypeError(
+            "features must be a dict like {'run': {...}, 'artifact': {...}}, "
+            f"got {type(features).__name__}."
+        )
+    unknown = sorted(set(features) - set(FEATURE_LEVELS))
+    if unknown:
+        raise ValueError(
+            f"features has unknown key(s) {unknown}: use 'run' for values of the "
+            "tracked run and 'artifact' for values of each checkpoint, e.g. "
+            "features={'run': {'lr': 0.1}, 'artifact': {'dataset_version': '1'}}."
+        )
+    checked: dict[str, dict[str, FeatureValue]] = {}
+    for level, values in features.items():
+        if not isinstance(values, Mapping):
+            raise TypeError(f"features[{level!r}] must be a dict of name -> value.")
+        for name, value in values.items():
+            allowed_none = level == "artifact" and value is None
+            if not (allowed_none or isinstance(value, (bool, int, float, str))):
+                raise TypeError(
+                    f"features[{level!r}][{name!r}] is {value!r}: use a bool, int, "
+                    "float or str"
+                    + (
+                        ", or None to fill it at save time."
+                        if level == "artifact"
+                        else "."
+                    )
+                )
+        checked[level] = dict(values)
+    return checked
+
+
+def _scalar(value: Any) -> FeatureValue:
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    return None
+
+
+def resolve_artifact_features(
+    trainer: pl.Trainer, values: Mapping[str, FeatureValue]
+) -> dict[str, FeatureValue]:
+    """Fill artifact features given as ``None`` from logged metrics or the trainer.
+
+    A logged metric of the same name wins over a trainer attribute; a name
+    matching neither stays ``None`` (and is logged at DEBUG).
+    """
+    resolved = {}
+    for name, value in values.items():
+        if value is None:
+            if name in trainer.callback_metrics:
+                value = _scalar(trainer.callback_metrics[name])
+            else:
+                value = _scalar(getattr(trainer, name, None))
+            if value is None:
+                log.debug("Artifact feature %r matches no metric or attribute", name)
+        resolved[name] = value
+    return resolved
+
+
+def trainer_config(
+    trainer: pl.Trainer,
+    layout: LoggerLayout | None,
+    monitor: str | None,
+    mode: str,
+) -> dict[str, FeatureValue]:
+    """Values of the run-level auto-features."""
+    clip = trainer.gradient_clip_val
+    return {
+        "logger_name": layout.name if layout else None,
+        "logger_version": version_segment(layout.version) if layout else None,
+        "max_epochs": trainer.max_epochs,
+        "max_steps": trainer.max_steps,
+        "precision": str(trainer.precision),
+        "accumulate_grad_batches": trainer.accumulate_grad_batches,
+        "gradient_clip_val": None if clip is None else float(clip),
+        "monitor": monitor,
+        "mode": mode,
+    }
+
+
+def hyperparameters(
+    pl_module: pl.LightningModule, trainer: pl.Trainer
+) -> dict[str, FeatureValue]:
+    """Scalar hyperparameters of the model and the datamodule (model wins)."""
+    found: dict[str, FeatureValue] = {}
+    datamodule = getattr(trainer, "datamodule", None)
+    for source in (datamodule, pl_module):
+        hparams = getattr(source, "hparams", None) or {}
+        for name, value in hparams.items():
+            scalar = _scalar(value)
+            if scalar is not None:
+                found[str(name)] = scalar
+    return found
