@@ -119,7 +119,12 @@ def ensure_local_instance(root: str | os.PathLike[str], name: str) -> str:
     slug = f"anonymous/{name}"
     if not _settings_file(f"instance--anonymous--{name}.env").exists():
         command = ["lamin", "init", "--storage", str(root / "storage"), "--name", name]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        # lamin init leaves a marker file in its working directory: keep it
+        # inside root rather than in the user's project folder.
+        root.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(
+            command, capture_output=True, text=True, check=False, cwd=root
+        )
         if done.returncode != 0:
             raise RuntimeError(
                 f"`{' '.join(command)}` failed with exit code {done.returncode}:\n"

@@ -45,6 +45,7 @@ def lamin_instance() -> Iterator[str]:
         ],
         check=True,
         capture_output=True,
+        cwd=SESSION_ROOT,  # lamin init leaves a marker in its working directory
     )
     os.environ["LAMIN_CURRENT_INSTANCE"] = f"anonymous/{INSTANCE}"
     yield INSTANCE

@@ -306,6 +306,7 @@ def test_save_lightning_features_is_idempotent_across_processes(
         ["lamin", "init", "--storage", str(tmp_path / "store"), "--name", name],
         check=True,
         capture_output=True,
+        cwd=tmp_path,
     )
     env = {
         **os.environ,
