@@ -48,6 +48,12 @@ DTYPES: dict[str, type] = {
     "precision": str,
     "accumulate_grad_batches": int,
     "gradient_clip_val": float,
+    # where registrars mirrored the run (lamin_lightning_link_backend_runs)
+    **{
+        f"{system}_{field}": str
+        for system in ("wandb", "mlflow", "clearml")
+        for field in ("run_id", "run_url")
+    },
 }
 _PY_DTYPES = {bool: "bool", int: "int", float: "float", str: "str"}
 _RANK_FEATURES = ("model_rank", "is_best_model", "is_last_model")

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from lamin_lightning_adapters._lamindb_features import FeatureWriter
     from lamin_lightning_core._events import (
         ArtifactRemovedEvent,
+        BackendRunLink,
         FitStartedEvent,
         PersistRequest,
     )
@@ -168,6 +169,32 @@ def lamin_lightning_prepare_run(event: FitStartedEvent) -> bool:
     ln = _lamindb()
     run = _tracked_run(ln, event.run_uid)
     _writers[event.callback_id] = FeatureWriter(ln, event, run)
+    return True
+
+
+@hookimpl
+def lamin_lightning_link_backend_runs(
+    run_uid: str | None, links: list[BackendRunLink]
+) -> bool:
+    ln = _lamindb()
+    run = _tracked_run(ln, run_uid)
+    names = {}
+    for link in links:
+        names[f"{link.system}_run_id"] = link.run_id
+        names[f"{link.system}_run_url"] = link.url
+        log.info(
+            "LaminDB run %s is mirrored in %s run %s", run_uid, link.system, link.run_id
+        )
+    if run is None:
+        return True
+    from lamin_lightning_adapters._lamindb_features import FEATURE_TYPE
+
+    features = ln.Feature.filter(
+        name__in=list(names), type__name=FEATURE_TYPE, type__is_type=True
+    )
+    values = {f: names[f.name] for f in features if names[f.name] is not None}
+    if values:
+        run.features.add_values(values)
     return True
 
 

@@ -149,14 +149,29 @@ class PluginBus:
                     f"delete {getattr(event, 'key', '?')!r}: {error}"
                 ) from error
 
-    def broadcast(self, hook_name: str, event: LifecycleEvent) -> None:
-        """Call every implementation of a broadcast hook, isolating failures."""
+    def broadcast(self, hook_name: str, event: LifecycleEvent) -> list[Any]:
+        """Call every implementation of a broadcast hook, isolating failures.
+
+        Returns:
+            The non-None results, in call order.
+        """
         hook = getattr(self.manager.hook, hook_name)
+        results = []
         for impl in reversed(hook.get_hookimpls()):
             try:
-                _call(impl, event=event)
+                result = _call(impl, event=event)
             except Exception as error:
                 self._record_failure(impl.plugin_name, hook_name, event, error)
+            else:
+                if result is not None:
+                    results.append(result)
+        return results
+
+    def link_backend_runs(self, run_uid: str | None, links: list[Any]) -> None:
+        """Hand registrars' runs to the persister (loud, like ``persist``)."""
+        self.manager.hook.lamin_lightning_link_backend_runs(
+            run_uid=run_uid, links=links
+        )
 
     def _record_failure(
         self, plugin: str, hook: str, event: LifecycleEvent, error: Exception

@@ -16,6 +16,7 @@ from lamin_lightning_core._bus import DeliveryFailure, create_bus
 from lamin_lightning_core._events import (
     ArtifactRemovedEvent,
     ArtifactSavedEvent,
+    BackendRunLink,
     FitEndedEvent,
     FitStartedEvent,
     FitStatus,
@@ -99,6 +100,7 @@ class Checkpoint(ModelCheckpoint):
         self._last_event: ArtifactSavedEvent | ArtifactRemovedEvent | None = None
         self._hparams_stamp: tuple[int, int] | None = None
         self._ranking = Ranking(self.mode)  # type: ignore[arg-type]
+        self._backend_runs: list[BackendRunLink] = []
 
     # -- subclass hooks -------------------------------------------------------
 
@@ -119,6 +121,11 @@ class Checkpoint(ModelCheckpoint):
     def delivery_failures(self) -> list[DeliveryFailure]:
         """Broadcasts that a plugin or observer failed to handle."""
         return list(self._bus.failures)
+
+    @property
+    def backend_runs(self) -> list[BackendRunLink]:
+        """Runs of other tracking systems that registrars opened for this fit."""
+        return list(self._backend_runs)
 
     @property
     def run_uid(self) -> str | None:
@@ -184,7 +191,10 @@ class Checkpoint(ModelCheckpoint):
             started = self._fit_started(trainer, pl_module)
             self._bus.prepare_run(started)
             self._fit_status = "finished"
-            self._bus.broadcast("lamin_lightning_fit_started", started)
+            results = self._bus.broadcast("lamin_lightning_fit_started", started)
+            self._backend_runs = [r for r in results if isinstance(r, BackendRunLink)]
+            if self._backend_runs:
+                self._bus.link_backend_runs(self._run_uid, self._backend_runs)
 
     @override
     def on_exception(

@@ -141,6 +141,21 @@ class FitStartedEvent(LifecycleEvent):
     )
 
 
+class BackendRunLink(BaseModel):
+    """A run in another tracking system that mirrors this fit.
+
+    A registrar returns it from ``lamin_lightning_fit_started``; the persister
+    records it on the tracked run, so each system points at the other.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    system: str = Field(description="Short name: 'wandb', 'mlflow', 'clearml'.")
+    run_id: str
+    url: str | None = None
+    project: str | None = None
+
+
 class FitEndedEvent(LifecycleEvent):
     """The fit ended; ``status`` says how."""
 

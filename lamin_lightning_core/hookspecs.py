@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from lamin_lightning_core._events import (
         ArtifactRemovedEvent,
         ArtifactSavedEvent,
+        BackendRunLink,
         FitEndedEvent,
         FitStartedEvent,
         PersistedArtifact,
@@ -113,6 +114,24 @@ def lamin_lightning_persist_artifact(
 
 
 @hookspec(firstresult=True)
+def lamin_lightning_link_backend_runs(
+    run_uid: str | None, links: list[BackendRunLink]
+) -> bool | None:
+    """Record the runs that registrars opened or reused for this fit.
+
+    Called once per fit and callback, right after the ``fit_started``
+    broadcast, if any registrar returned a :class:`BackendRunLink`.
+
+    Args:
+        run_uid: the tracked run, as from ``lamin_lightning_run_uid``.
+        links: one per registrar that mirrors the fit.
+
+    Returns:
+        ``True`` once handled. Stops at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
 def lamin_lightning_delete_artifact(event: ArtifactRemovedEvent) -> bool | None:
     """Mirror Lightning's deletion of a checkpoint in the persister.
 
@@ -130,11 +149,15 @@ def lamin_lightning_delete_artifact(event: ArtifactRemovedEvent) -> bool | None:
 
 
 @hookspec
-def lamin_lightning_fit_started(event: FitStartedEvent) -> None:
+def lamin_lightning_fit_started(event: FitStartedEvent) -> BackendRunLink | None:
     """A fit is about to train; key prefixes and the run UID are known.
 
-    Called once per fit and callback, after ``lamin_lightning_run_uid``. A
-    registrar opens or finds its own run here.
+    Called once per fit and callback, after ``lamin_lightning_prepare_run``.
+    A registrar opens or finds its own run here.
+
+    Returns:
+        Optionally the registrar's run, which the persister then records on
+        the tracked run (``lamin_lightning_link_backend_runs``).
     """
 
 

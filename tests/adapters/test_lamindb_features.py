@@ -331,4 +331,4 @@ def test_save_lightning_features_is_idempotent_across_processes(
     outputs = [p.communicate(timeout=120) for p in procs]
     for proc, (out, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, err
-        assert out.strip().splitlines()[-1] == "14"
+        assert out.strip().splitlines()[-1] == "20"
