@@ -11,6 +11,7 @@ import logging
 import posixpath
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import mlflow
@@ -18,6 +19,7 @@ import pytest
 from mlflow import MlflowClient
 
 from lamin_lightning_adapters import mlflow as adapter
+from lamin_lightning_core._errors import LaminLightningWarning
 from lamin_lightning_core._events import (
     ArtifactRemovedEvent,
     ArtifactSavedEvent,
@@ -25,11 +27,12 @@ from lamin_lightning_core._events import (
     FitStartedEvent,
 )
 
-from .mlflow_server import running_mlflow_server
+from .mlflow_server import free_port, running_mlflow_server
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
-    from pathlib import Path
+
+    from mlflow.entities.model_registry import ModelVersion
 
     from .mlflow_server import MlflowServer
 
@@ -168,6 +171,7 @@ def server_backend(mlflow_server: MlflowServer) -> Backend:
 
 @pytest.fixture(
     params=["sqlite", pytest.param("server", marks=pytest.mark.slow)],
+    ids=["sqlite", "server"],
 )
 def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Backend:
     """Each backend, configured the way a user would: tracking URI and experiment."""
@@ -178,7 +182,7 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
 
 
 @pytest.fixture
-def events(tmp_path: Path, request: pytest.FixtureRequest) -> Callable[[str], Events]:
+def events(tmp_path: Path) -> Callable[[str], Events]:
     # Model names are derived from the key prefix: one job name per test
     # keeps tests sharing a store apart.
     def make(job: str) -> Events:
@@ -193,7 +197,7 @@ def aliases_of(client: MlflowClient, name: str) -> dict[str, str]:
     return {alias: str(version) for alias, version in aliases.items()}
 
 
-def versions_of(client: MlflowClient, name: str) -> dict[str, object]:
+def versions_of(client: MlflowClient, name: str) -> dict[str, ModelVersion]:
     found = client.search_model_versions(f"name='{name}'")
     return {str(mv.version): mv for mv in found}
 
@@ -215,7 +219,6 @@ def test_checkpoints_become_versions_with_moving_aliases_and_tags(
     for event in (first, second, third):
         adapter.lamin_lightning_artifact_saved(event=event)
         client = MlflowClient()
-        model = client.get_registered_model(fit.model_name)
         latest = client.get_model_version_by_alias(fit.model_name, "last")
         assert latest.tags[f"{adapter.TAG_PREFIX}key"] == event.key
     assert aliases_of(client, fit.model_name) == {"last": "3", "best": "2"}
@@ -223,7 +226,7 @@ def test_checkpoints_become_versions_with_moving_aliases_and_tags(
     versions = versions_of(client, fit.model_name)
     assert sorted(versions) == ["1", "2", "3"]
     best = client.get_model_version_by_alias(fit.model_name, "best")
-    run_id = best.run_id
+    run_id = str(best.run_id)
     assert best.tags == {
         "lamin_lightning.key": second.key,
         "lamin_lightning.storage_uri": second.storage_uri,
@@ -302,8 +305,7 @@ def test_eviction_follows_the_policy(
     adapter.lamin_lightning_artifact_removed(event=fit.removed(evicted))
 
     client = MlflowClient()
-    model = client.get_registered_model(fit.model_name)
-    run_id = client.get_model_version(fit.model_name, "1").run_id
+    run_id = str(client.get_model_version(fit.model_name, "1").run_id)
     uploads = [
         item.path for item in client.list_artifacts(run_id, posixpath.dirname(kept.key))
     ]
@@ -334,6 +336,216 @@ def test_resaved_key_retires_the_overwritten_version(
     client = MlflowClient()
     assert sorted(versions_of(client, fit.model_name)) == ["2"]
     assert aliases_of(client, fit.model_name) == {"last": "2"}
-    source = client.get_model_version(fit.model_name, "2").source
+    source = str(client.get_model_version(fit.model_name, "2").source)
     text = mlflow.artifacts.load_text(source)
     assert text == "last.ckpt at step 20"
+
+
+@pytest.mark.slow
+def test_a_link_to_an_uploaded_checkpoint_is_not_uploaded_again(
+    server_backend: Backend, events: Callable[[str], Events]
+) -> None:
+    mlflow.set_tracking_uri(server_backend.uri)
+    fit = events("link")
+    adapter.lamin_lightning_fit_started(event=fit.started())
+    target = fit.saved("epoch=0-step=10.ckpt", is_best=True, step=10)
+    link = target.local_path.with_name("last.ckpt")
+    link.symlink_to(target.local_path.name)
+    adapter.lamin_lightning_artifact_saved(event=target)
+    adapter.lamin_lightning_artifact_saved(
+        event=target.model_copy(
+            update={"key": f"{fit.prefix}/last.ckpt", "local_path": link}
+        )
+    )
+    run_id = mlflow.active_run().info.run_id  # type: ignore[union-attr]
+    adapter.lamin_lightning_fit_ended(event=fit.ended())
+
+    client = MlflowClient()
+    sources = {mv.source for mv in versions_of(client, fit.model_name).values()}
+    assert sources == {f"runs:/{run_id}/{target.key}"}
+    listed = client.list_artifacts(run_id, fit.prefix)
+    assert [item.path for item in listed] == [target.key]
+
+
+# -- which run ----------------------------------------------------------------
+
+
+def test_an_active_run_is_used_and_left_open(
+    backend: Backend, events: Callable[[str], Events]
+) -> None:
+    fit = events("active")
+    active = mlflow.start_run(experiment_id=backend.experiment_id)
+    adapter.lamin_lightning_fit_started(event=fit.started())
+    adapter.lamin_lightning_artifact_saved(event=fit.saved("a.ckpt", is_best=True))
+    adapter.lamin_lightning_fit_ended(event=fit.ended())
+
+    client = MlflowClient()
+    assert client.get_model_version(fit.model_name, "1").run_id == active.info.run_id
+    assert client.get_run(active.info.run_id).info.status == "RUNNING"
+    still_active = mlflow.active_run()
+    assert still_active is not None
+    assert still_active.info.run_id == active.info.run_id
+
+
+# -- configuration ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        (None, "MLFLOW_TRACKING_URI is not set and no MLflow run is active"),
+        ("http://127.0.0.1:{port}", "MLFLOW_TRACKING_URI=.* is unreachable"),
+        ("sqlite:///{tmp}/a-file/mlflow.db", "tracking store .* failed"),
+    ],
+    ids=["no-uri", "unreachable-server", "unusable-store"],
+)
+def test_a_missing_or_broken_backend_warns_and_stays_inactive(
+    events: Callable[[str], Events],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    uri: str | None,
+    expected: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").touch()
+    if uri is not None:
+        mlflow.set_tracking_uri(uri.format(port=free_port(), tmp=tmp_path))
+    fit = events("inactive")
+    started = time.monotonic()
+    with pytest.warns(LaminLightningWarning, match=f"'mlflow' is inactive.*{expected}"):
+        adapter.lamin_lightning_fit_started(event=fit.started())
+    assert time.monotonic() - started < adapter.PROBE_TIMEOUT_S
+    adapter.lamin_lightning_artifact_saved(event=fit.saved("a.ckpt"))
+    adapter.lamin_lightning_fit_ended(event=fit.ended())
+    assert not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / "mlruns").exists()
+    assert mlflow.active_run() is None
+
+
+def test_an_unknown_eviction_policy_is_refused(
+    monkeypatch: pytest.MonkeyPatch, events: Callable[[str], Events]
+) -> None:
+    monkeypatch.setenv(adapter.EVICTION_ENV, "archive")
+    with pytest.raises(ValueError, match="'archive' is not a known eviction policy"):
+        adapter.lamin_lightning_fit_started(event=events("policy").started())
+
+
+@pytest.mark.parametrize(
+    ("prefix", "logger_version", "explicit", "expected"),
+    [
+        (f"ckpts/{RUN_UID}/checkpoints", None, None, "ckpts-checkpoints"),
+        ("logs/lightning_logs/version_3/checkpoints", "version_3", None, None),
+        ("checkpoints", None, "my model", "my model"),
+        ("a b/c:d/checkpoints", None, None, "a_b-c_d-checkpoints"),
+    ],
+    ids=["run-uid-dropped", "logger-version-dropped", "explicit", "sanitised"],
+)
+def test_model_name(
+    monkeypatch: pytest.MonkeyPatch,
+    prefix: str,
+    logger_version: str | None,
+    explicit: str | None,
+    expected: str | None,
+) -> None:
+    if explicit:
+        monkeypatch.setenv(adapter.MODEL_NAME_ENV, explicit)
+    event = FitStartedEvent(
+        callback_id="cb",
+        run_uid=RUN_UID,
+        base_prefix=posixpath.dirname(prefix),
+        checkpoint_key_prefix=prefix,
+        logger_version=logger_version,
+        mode="min",
+    )
+    assert adapter._model_name(event) == (expected or "logs-lightning_logs-checkpoints")
+
+
+# -- end to end ---------------------------------------------------------------
+
+
+def fit_tiny_model(trainer: object) -> None:
+    """Fit a one-layer regression on 16 random rows (2 steps an epoch)."""
+    import lightning.pytorch as pl
+    import torch
+    from torch.nn.functional import mse_loss
+
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch: list[torch.Tensor]) -> torch.Tensor:
+            return mse_loss(self.layer(batch[0]), batch[1])
+
+        def validation_step(self, batch: list[torch.Tensor]) -> None:
+            self.log("val_loss", mse_loss(self.layer(batch[0]), batch[1]))
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+    rows = torch.utils.data.TensorDataset(x, x.sum(dim=1, keepdim=True))
+    loader = torch.utils.data.DataLoader(rows, batch_size=8)
+    trainer.fit(Tiny(), loader, loader)  # type: ignore[attr-defined]
+
+
+def test_a_fit_with_mlflow_logger_registers_its_checkpoints(
+    backend: Backend,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    from lamin_lightning_core import Checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level(logging.INFO, logger=adapter.__name__)
+    job = f"e2e-{backend.name}-{time.time_ns()}"
+    logger = MLFlowLogger(experiment_name=job, tracking_uri=backend.uri)
+    checkpoint = Checkpoint(
+        dirpath=job,
+        monitor="val_loss",
+        save_top_k=2,
+        save_last=True,
+        plugins=[adapter],
+        disable_plugins=OTHER_REGISTRARS,
+    )
+    trainer = pl.Trainer(
+        max_epochs=4,
+        logger=logger,
+        callbacks=[checkpoint],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    fit_tiny_model(trainer)
+
+    assert checkpoint.delivery_failures == []
+    client = MlflowClient()
+    name = f"{job}-checkpoints"
+    live = versions_of(client, name)
+    keys = sorted(mv.tags["lamin_lightning.key"] for mv in live.values())
+    assert keys == sorted(
+        [f"{job}/checkpoints/{Path(p).name}" for p in checkpoint.best_k_models]
+        + [f"{job}/checkpoints/last.ckpt"]
+    )
+    # MLFlowLogger opens its run without mlflow.start_run(); the plugin found it
+    # through the logger version and started no run of its own.
+    assert {mv.run_id for mv in live.values()} == {logger.run_id}
+    assert mlflow.active_run() is None
+    best = client.get_model_version_by_alias(name, "best")
+    assert best.tags["lamin_lightning.key"].endswith(
+        Path(checkpoint.best_model_path).name
+    )
+    last = client.get_model_version_by_alias(name, "last")
+    assert last.tags["lamin_lightning.key"].endswith("last.ckpt")
+    path_taken = "uploaded" if backend.refuses_file_sources else "by reference"
+    assert path_taken in caplog.text
+    # The source is the checkpoint file itself (models:/ URIs expect a folder).
+    downloaded = mlflow.artifacts.download_artifacts(
+        best.source, dst_path=str(tmp_path / "download")
+    )
+    best_bytes = Path(checkpoint.best_model_path).read_bytes()
+    assert Path(downloaded).read_bytes() == best_bytes

@@ -17,14 +17,18 @@ import struct
 import sys
 from pathlib import Path
 
+import lightning.pytorch as lp
 import pytest
+import torch
 import wandb
+from lightning.pytorch.loggers import WandbLogger
 from wandb.proto import wandb_internal_pb2
 
 from lamin_lightning_adapters import wandb as plugin
 from lamin_lightning_core import (
     ArtifactRemovedEvent,
     ArtifactSavedEvent,
+    Checkpoint,
     FitEndedEvent,
     FitStartedEvent,
     LaminLightningWarning,
@@ -34,6 +38,7 @@ from lamin_lightning_core import (
 CB = "Checkpoint{'monitor': 'val_loss', 'mode': 'min'}"
 RUN_UID = "lnRun0000000001"
 PREFIX = "lightning_logs/lnRun0000000001"
+OTHER_PLUGINS = ["lamindb", "mlflow", "clearml"]
 
 
 # -- reading an offline run back ------------------------------------------------
@@ -45,6 +50,10 @@ def _run_dir(root: Path, run_id: str) -> Path:
 
 
 def _records(root: Path, run_id: str) -> list[wandb_internal_pb2.Record]:
+    # wandb-core buffers the log in 32 KiB blocks and flushes it when the run's
+    # stream closes, which may come after run.finish() returns; teardown waits
+    # for the service to exit.
+    wandb.teardown()
     path = _run_dir(root, run_id) / f"run-{run_id}.wandb"
     data = path.read_bytes()
     ident, _magic, _version = struct.unpack("<4sHB", data[:7])
@@ -106,7 +115,12 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     ):
         monkeypatch.delenv(variable, raising=False)
     root = tmp_path / "wandb-home"
-    for variable in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+    for variable in (
+        "WANDB_DIR",
+        "WANDB_DATA_DIR",
+        "WANDB_CACHE_DIR",
+        "WANDB_CONFIG_DIR",
+    ):
         (root / variable.lower()).mkdir(parents=True)
         monkeypatch.setenv(variable, str(root / variable.lower()))
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
@@ -114,10 +128,14 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)  # no ./wandb/settings of the checkout
     wandb.teardown()  # wandb reads its settings once per process
     yield root
+    if wandb.run is not None:  # a failed test left a run open
+        wandb.run.finish()
     wandb.teardown()
 
 
-def _started(callback_id: str = CB, monitor: str | None = "val_loss") -> FitStartedEvent:
+def _started(
+    callback_id: str = CB, monitor: str | None = "val_loss"
+) -> FitStartedEvent:
     return FitStartedEvent(
         callback_id=callback_id,
         run_uid=RUN_UID,
@@ -186,7 +204,8 @@ def test_checkpoints_become_versions_of_one_model_artifact(home, tmp_path):
     assert len({v.digest for v in versions}) == 3
     assert [_entry(v).ref for v in versions] == [e.storage_uri for e in saves]
     assert [_entry(v).path for v in versions] == [e.local_path.name for e in saves]
-    assert [list(v.aliases) for v in versions] == [
+    assert [_entry(v).size for v in versions] == [64, 64, 64]
+    assert [sorted(v.aliases) for v in versions] == [
         ["best", "latest"],
         ["latest"],
         ["best", "latest"],
@@ -203,9 +222,7 @@ def test_checkpoints_become_versions_of_one_model_artifact(home, tmp_path):
         "lamindb_artifact_uid": "lnArt00000000020",
         "lamindb_run_uid": RUN_UID,
     }
-    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
-    config = {item.key: json.loads(item.value_json) for item in run.config.update}
-    assert config["lamin_run_uid"] == RUN_UID
+    assert _updates(records, "config")["lamin_run_uid"] == RUN_UID
     (exit_record,) = [r.exit for r in records if r.WhichOneof("record_type") == "exit"]
     assert exit_record.exit_code == 0
 
@@ -264,7 +281,9 @@ def test_a_scheme_without_reference_support_is_uploaded(home, tmp_path):
 
     (version,) = _versions(_records(home, link.run_id), link.artifact_name)
     assert _entry(version).ref == ""
-    assert Path(_entry(version).local_path).read_bytes() == event.local_path.read_bytes()
+    assert (
+        Path(_entry(version).local_path).read_bytes() == event.local_path.read_bytes()
+    )
     assert json.loads(version.metadata)["storage_uri"] == "lamin://bucket/x.ckpt"
 
 
@@ -294,7 +313,10 @@ def test_config_and_hparams_are_run_files(home, tmp_path):
     records = _records(home, link.run_id)
     run_dir = _run_dir(home, link.run_id)
     saved = [
-        f.path for r in records if r.WhichOneof("record_type") == "files" for f in r.files.files
+        f.path
+        for r in records
+        if r.WhichOneof("record_type") == "files"
+        for f in r.files.files
     ]
     config = _updates(records, "config")
     for event in events:
@@ -357,7 +379,9 @@ def test_a_bad_policy_value_is_named(home, monkeypatch):
     assert wandb.run is None
 
 
-def test_without_project_or_offline_mode_it_warns_and_skips(home, tmp_path, monkeypatch):
+def test_without_project_or_offline_mode_it_warns_and_skips(
+    home, tmp_path, monkeypatch
+):
     monkeypatch.delenv("WANDB_MODE")
     with pytest.warns(LaminLightningWarning, match="WANDB_PROJECT.*WANDB_MODE=offline"):
         plugin.lamin_lightning_fit_started(event=_started("cb-unconfigured"))
@@ -388,38 +412,27 @@ def test_without_wandb_the_plugin_is_unavailable(monkeypatch):
 # -- end to end: a real fit drives the plugin through the entry point -----------
 
 
-def test_a_fit_with_wandb_logger_registers_its_checkpoints(home, tmp_path):
-    import lightning.pytorch as lp
-    import torch
-    from lightning.pytorch.loggers import WandbLogger
+class Tiny(lp.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
 
-    from lamin_lightning_core import Checkpoint
+    def training_step(self, batch, _):
+        return torch.nn.functional.mse_loss(self.layer(batch[0]), batch[1])
 
-    class Tiny(lp.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.layer = torch.nn.Linear(4, 1)
+    def validation_step(self, batch, _):
+        self.log(
+            "val_loss", torch.nn.functional.mse_loss(self.layer(batch[0]), batch[1])
+        )
 
-        def training_step(self, batch, _):
-            return torch.nn.functional.mse_loss(self.layer(batch[0]), batch[1])
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
 
-        def validation_step(self, batch, _):
-            loss = torch.nn.functional.mse_loss(self.layer(batch[0]), batch[1])
-            self.log("val_loss", loss)
 
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
+def _fit(checkpoint: Checkpoint, logger) -> None:
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(16, 4), torch.randn(16, 1))
     loader = torch.utils.data.DataLoader(data, batch_size=8)
-    checkpoint = Checkpoint(
-        dirpath=tmp_path / "ckpts",
-        monitor="val_loss",
-        save_top_k=2,
-        disable_plugins=["lamindb", "mlflow", "clearml"],
-    )
-    logger = WandbLogger(project="fit", save_dir=str(tmp_path), offline=True)
     trainer = lp.Trainer(
         max_epochs=4,
         accelerator="cpu",
@@ -429,8 +442,19 @@ def test_a_fit_with_wandb_logger_registers_its_checkpoints(home, tmp_path):
         enable_model_summary=False,
     )
     trainer.fit(Tiny(), loader, loader)
-
     assert checkpoint.delivery_failures == []
+
+
+def test_a_fit_with_wandb_logger_registers_its_checkpoints(home, tmp_path):
+    checkpoint = Checkpoint(
+        dirpath=tmp_path / "ckpts",
+        monitor="val_loss",
+        save_top_k=2,
+        disable_plugins=OTHER_PLUGINS,
+    )
+    logger = WandbLogger(project="fit", save_dir=str(tmp_path), offline=True)
+    _fit(checkpoint, logger)
+
     link = plugin.run_link(checkpoint.state_key)
     assert (link.run_id, link.started_here) == (logger.experiment.id, False)
     assert wandb.run is logger.experiment, "the logger's run stays open"
@@ -439,12 +463,44 @@ def test_a_fit_with_wandb_logger_registers_its_checkpoints(home, tmp_path):
     versions = _versions(records, link.artifact_name)
     keys = [json.loads(v.metadata)["key"] for v in versions]
     assert len(versions) == 4
-    assert [v.aliases.count("latest") for v in versions] == [1, 1, 1, 1]
+    assert all("latest" in v.aliases for v in versions)
     best = checkpoint.key_for("checkpoint", checkpoint.best_model_path)
     assert keys[_holders(versions)["best"]] == best
-    assert _entry(versions[keys.index(best)]).ref == (
-        Path(checkpoint.best_model_path).resolve().as_uri()
+    best_path = Path(checkpoint.best_model_path).resolve()
+    best_entry = _entry(versions[keys.index(best)])
+    assert (best_entry.ref, best_entry.size) == (
+        best_path.as_uri(),
+        best_path.stat().st_size,
     )
-    evicted = _updates(records, "summary")[f"lamin_lightning/{link.artifact_name}/evicted"]
+    evicted = _updates(records, "summary")[
+        f"lamin_lightning/{link.artifact_name}/evicted"
+    ]
     kept = {checkpoint.key_for("checkpoint", p) for p in checkpoint.best_k_models}
     assert sorted(evicted) == sorted(set(keys) - kept)
+
+
+def test_a_fit_without_logger_runs_its_own_run_and_versions_last_ckpt(home, tmp_path):
+    checkpoint = Checkpoint(
+        dirpath=tmp_path / "ckpts",
+        monitor="val_loss",
+        save_top_k=1,
+        save_last=True,
+        disable_plugins=OTHER_PLUGINS,
+    )
+    _fit(checkpoint, logger=False)
+
+    link = plugin.run_link(checkpoint.state_key)
+    assert link.started_here
+    assert wandb.run is None, "the plugin finished the run it started"
+    versions = _versions(_records(home, link.run_id), link.artifact_name)
+    keys = [json.loads(v.metadata)["key"] for v in versions]
+    last = [
+        v for v, key in zip(versions, keys, strict=True) if key.endswith("/last.ckpt")
+    ]
+    assert len(last) == 4
+    assert len({v.digest for v in last}) == 4, "each save of last.ckpt is a version"
+    holders = _holders(versions)
+    assert keys[holders["latest"]].endswith("/last.ckpt")
+    assert keys[holders["best"]] == checkpoint.key_for(
+        "checkpoint", checkpoint.best_model_path
+    )
