@@ -16,7 +16,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
-from importlib.metadata import entry_points
+from importlib.metadata import PackageNotFoundError, entry_points, version
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -259,6 +259,7 @@ def create_bus(
     for name in {*disable, *disabled_from_env()}:
         manager.set_blocked(name)
     bus.register(_local, name=LOCAL_PERSISTER)
+    bus.distributions[LOCAL_PERSISTER] = _own_distribution()
     if autoload is None:
         autoload = os.environ.get(AUTOLOAD_ENV, "") not in ("1", "true", "yes")
     if autoload:
@@ -266,6 +267,13 @@ def create_bus(
     for plugin in plugins:
         bus.register(plugin)
     return bus
+
+
+def _own_distribution() -> tuple[str, str]:
+    try:
+        return ("lamin-lightning", version("lamin-lightning"))
+    except PackageNotFoundError:  # running from a source tree, not installed
+        return ("lamin-lightning", "unknown")
 
 
 def _load_entry_points(bus: PluginBus) -> None:
