@@ -65,9 +65,7 @@ def _lamindb() -> ModuleType:
             "off with LAMIN_LIGHTNING_DISABLE_PLUGINS=lamindb."
         )
     mark_local_instance_offline_safe()
-    import lamindb
-
-    return lamindb
+    return importlib.import_module("lamindb")
 
 
 def mark_local_instance_offline_safe() -> None:
@@ -178,7 +176,7 @@ def lamin_lightning_link_backend_runs(
 ) -> bool:
     ln = _lamindb()
     run = _tracked_run(ln, run_uid)
-    names = {}
+    names: dict[str, str | None] = {}
     for link in links:
         names[f"{link.system}_run_id"] = link.run_id
         names[f"{link.system}_run_url"] = link.url
