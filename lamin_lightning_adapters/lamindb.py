@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from lamin_lightning_core._events import (
         ArtifactRemovedEvent,
         BackendRunLink,
+        CheckpointQuery,
+        CheckpointRecord,
         FitStartedEvent,
         PersistRequest,
     )
@@ -224,6 +226,20 @@ def lamin_lightning_persist_artifact(request: PersistRequest) -> PersistedArtifa
     return PersistedArtifact(
         storage_uri=storage_uri(artifact), artifact=artifact, artifact_uid=artifact.uid
     )
+
+
+@hookimpl
+def lamin_lightning_find_checkpoints(query: CheckpointQuery) -> list[CheckpointRecord]:
+    from lamin_lightning_adapters._lamindb_query import find_checkpoints
+
+    return find_checkpoints(_lamindb(), query)
+
+
+@hookimpl
+def lamin_lightning_fetch_checkpoint(record: CheckpointRecord) -> str:
+    from lamin_lightning_adapters._lamindb_query import fetch_checkpoint
+
+    return fetch_checkpoint(_lamindb(), record)
 
 
 @hookimpl

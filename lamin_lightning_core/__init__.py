@@ -22,7 +22,9 @@ from lamin_lightning_core._events import (
     ArtifactRemovedEvent,
     ArtifactSavedEvent,
     BackendRunLink,
+    CheckpointQuery,
     CheckpointRank,
+    CheckpointRecord,
     FitEndedEvent,
     FitStartedEvent,
     PersistedArtifact,
@@ -30,6 +32,13 @@ from lamin_lightning_core._events import (
 )
 from lamin_lightning_core._features import save_lightning_features
 from lamin_lightning_core._observers import ArtifactObserver
+from lamin_lightning_core._query import (
+    CheckpointNotFoundError,
+    best_checkpoint,
+    checkpoint_path,
+    find_checkpoints,
+    last_checkpoint,
+)
 from lamin_lightning_core.hookspecs import hookimpl, hookspec
 
 __all__ = [
@@ -40,7 +49,10 @@ __all__ = [
     "ArtifactSavedEvent",
     "BackendRunLink",
     "Checkpoint",
+    "CheckpointNotFoundError",
+    "CheckpointQuery",
     "CheckpointRank",
+    "CheckpointRecord",
     "DeliveryFailure",
     "FitEndedEvent",
     "FitStartedEvent",
@@ -53,7 +65,11 @@ __all__ = [
     "PluginLoadError",
     "PluginUnavailable",
     "SaveConfigCallback",
+    "best_checkpoint",
+    "checkpoint_path",
+    "find_checkpoints",
     "hookimpl",
     "hookspec",
+    "last_checkpoint",
     "save_lightning_features",
 ]

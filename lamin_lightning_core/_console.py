@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from lamin_lightning_core._events import CheckpointQuery, CheckpointRecord
 
 app = typer.Typer(
     help="Keep PyTorch Lightning checkpoints traceable.", no_args_is_help=True
@@ -37,6 +40,70 @@ def plugins(
         hooks = "\n".join(h.removeprefix("lamin_lightning_") for h in info.hooks)
         table.add_row(info.name, dist, info.status, hooks or "-")
     Console().print(table)
+
+
+@app.command("ls")
+def list_checkpoints(
+    run: Annotated[
+        str | None, typer.Option("--run", help="UID of the run to list.")
+    ] = None,
+    prefix: Annotated[
+        str | None, typer.Option("--prefix", help="Key prefix to list.")
+    ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option("--plot", help="Write a PNG of score by step to this path."),
+    ] = None,
+) -> None:
+    """List persisted checkpoints of a run, a key prefix, or the latest run."""
+    from lamin_lightning_core._errors import LaminLightningError
+    from lamin_lightning_core._query import find_checkpoints
+
+    try:
+        records = find_checkpoints(
+            run, key_prefix=prefix, latest_run=run is None and prefix is None
+        )
+    except LaminLightningError as error:
+        raise typer.BadParameter(str(error)) from error
+    if not records:
+        query = CheckpointQuery(
+            run_uid=run, key_prefix=prefix, latest_run=run is None and prefix is None
+        )
+        Console(stderr=True).print(f"No checkpoints in {query.describe()}.")
+        raise typer.Exit(1)
+    Console().print(checkpoint_table(records))
+    if plot is not None:
+        from lamin_lightning_core._plot import plot_scores
+
+        plot_scores(records, plot)
+        Console().print(f"Wrote {plot}")
+
+
+def checkpoint_table(records: list[CheckpointRecord]) -> Table:
+    """A readable table of checkpoint records."""
+    table = Table(title=f"{len(records)} checkpoint(s)")
+    for column in ("key", "epoch/step", "score", "rank", "flags", "size", "URI"):
+        table.add_column(column, overflow="fold")
+    for r in records:
+        flags = " ".join(
+            name
+            for name, on in (("best", r.is_best_model), ("last", r.is_last_model))
+            if on
+        )
+        table.add_row(
+            r.key,
+            f"{_dash(r.epoch)}/{_dash(r.global_step)}",
+            "-" if r.score is None else f"{r.score:.4g}",
+            _dash(r.model_rank),
+            flags,
+            "-" if r.size is None else f"{r.size / 1e6:.2f} MB",
+            r.storage_uri,
+        )
+    return table
+
+
+def _dash(value: object) -> str:
+    return "-" if value is None else str(value)
 
 
 def main() -> None:

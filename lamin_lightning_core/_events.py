@@ -258,3 +258,57 @@ class PersistedArtifact(BaseModel):
     storage_uri: str
     artifact: object | None = Field(default=None, exclude=True, repr=False)
     artifact_uid: str | None = None
+
+
+class CheckpointQuery(BaseModel):
+    """Which persisted checkpoints to look up; unset fields don't filter."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    run_uid: str | None = Field(default=None, description="Checkpoints of this run.")
+    key_prefix: str | None = Field(
+        default=None, description="Checkpoints whose key starts with this prefix."
+    )
+    features: dict[str, FeatureValue] = Field(
+        default_factory=dict,
+        description="Artifact feature values the checkpoints must have.",
+    )
+    latest_run: bool = Field(
+        default=False,
+        description="Without run_uid: the newest run that persisted checkpoints.",
+    )
+
+    def describe(self) -> str:
+        """A short human phrase of what is searched, for messages."""
+        parts = []
+        if self.run_uid:
+            parts.append(f"run {self.run_uid}")
+        elif self.latest_run:
+            parts.append("the latest run")
+        if self.key_prefix:
+            parts.append(f"key prefix {self.key_prefix!r}")
+        if self.features:
+            parts.append(f"features {self.features}")
+        return ", ".join(parts) or "all checkpoints"
+
+
+class CheckpointRecord(BaseModel):
+    """A persisted checkpoint, as a query returns it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    key: ArtifactKey
+    artifact_uid: str | None = None
+    run_uid: str | None = None
+    storage_uri: str
+    size: int | None = None
+    created_at: datetime | None = None
+    epoch: int | None = None
+    global_step: int | None = None
+    score: Score = None
+    mode: Literal["min", "max"] | None = None
+    model_rank: int | None = None
+    is_best_model: bool | None = None
+    is_last_model: bool | None = None
+    features: dict[str, FeatureValue] = Field(default_factory=dict)
+    artifact: object | None = Field(default=None, exclude=True, repr=False)

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
         ArtifactRemovedEvent,
         ArtifactSavedEvent,
         BackendRunLink,
+        CheckpointQuery,
+        CheckpointRecord,
         FitEndedEvent,
         FitStartedEvent,
         PersistedArtifact,
@@ -142,6 +144,38 @@ def lamin_lightning_delete_artifact(event: ArtifactRemovedEvent) -> bool | None:
 
     Returns:
         ``True`` once handled. Stops at the first non-None result.
+    """
+
+
+# -- persister: finding and fetching checkpoints again -------------------------
+
+
+@hookspec(firstresult=True)
+def lamin_lightning_find_checkpoints(
+    query: CheckpointQuery,
+) -> list[CheckpointRecord] | None:
+    """Return the persisted checkpoints matching ``query``, oldest first.
+
+    Called by ``ll.find_checkpoints()`` and the ``lamin-lightning ls``
+    command, in any process, not only during a fit.
+
+    Returns:
+        The records (possibly empty) if this persister can search; ``None``
+        if it can't, so the next one is asked. Stops at the first non-None
+        result.
+    """
+
+
+@hookspec(firstresult=True)
+def lamin_lightning_fetch_checkpoint(record: CheckpointRecord) -> str | None:
+    """Return a local path of the checkpoint's bytes, downloading if needed.
+
+    Fetching through the persister lets it record the checkpoint as an input
+    of the run being tracked (lineage across runs).
+
+    Returns:
+        A local path usable as ``ckpt_path``. Stops at the first non-None
+        result.
     """
 
 

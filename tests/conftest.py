@@ -63,12 +63,33 @@ def ln(lamin_instance: str) -> ModuleType:
     return lamindb
 
 
+def track(ln: ModuleType) -> Any:
+    """Start a new ``ln.track()`` run and return it.
+
+    lamindb keys the transform of a pytest session by the pytest script but
+    hashes the source of the file that calls ``ln.track()``; calling it from
+    this one file keeps that hash stable within a session.
+    """
+    ln.track()
+    return ln.context.run
+
+
 @pytest.fixture
 def tracked_run(ln: ModuleType) -> Iterator[Any]:
     """A fresh ``ln.track()`` run for one test."""
-    ln.track()
-    yield ln.context.run
+    yield track(ln)
     ln.finish()
+
+
+@pytest.fixture
+def new_run(ln: ModuleType) -> Any:
+    """A function that finishes the current run and starts another one."""
+
+    def start() -> Any:
+        ln.finish()  # closes the run's log capture before the next run opens one
+        return track(ln)
+
+    return start
 
 
 @pytest.fixture
