@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint docs benchmark
+.PHONY: install demo test lint docs benchmark serve-docs
 
 install: $(STAMP)
 
@@ -17,8 +17,18 @@ $(STAMP): pyproject.toml tests/recorder_plugin/pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]" ./tests/recorder_plugin
 	touch $(STAMP)
 
+# The registrars run offline next to the embedded LaminDB instance unless the
+# environment already configures them.
+DEMO_DIR := $(CURDIR)/.lamin-lightning
+DEMO_ENV := WANDB_MODE=$${WANDB_MODE:-offline} \
+	WANDB_DIR=$${WANDB_DIR:-$(DEMO_DIR)/wandb} \
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(DEMO_DIR)/mlflow.db} \
+	CLEARML_OFFLINE_MODE=$${CLEARML_OFFLINE_MODE:-1} \
+	CLEARML_CACHE_DIR=$${CLEARML_CACHE_DIR:-$(DEMO_DIR)/clearml}
+
 demo: $(STAMP)
-	$(BIN)/python examples/digits/train.py fit --config examples/digits/config.yaml
+	mkdir -p $(DEMO_DIR)/wandb
+	$(DEMO_ENV) $(BIN)/python examples/digits/train.py fit --config examples/digits/config.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -14,12 +14,38 @@ For every fit the registrar:
   is uploaded once as a run artifact and the version points at
   ``runs:/<run_id>/<key>``. One INFO line per checkpoint says which path was
   taken;
-* moves the aliases ``last`` (the newest checkpoint) and ``best`` (the
-  callback's best model) and tags each version with its key, LaminDB UIDs,
-  score, epoch and step. MLflow reserves the alias ``latest``: its own
-  ``models:/<name>/latest`` already resolves to the highest version number;
+* moves two aliases, ``best`` and ``last``, as ``event.ranking`` says (the
+  standing LaminDB records as ``is_best_model`` and ``is_last_model``): after
+  a save or an eviction they point at the callback's best and newest
+  checkpoint. The alias is ``last``, not ``latest``: MLflow reserves
+  ``latest`` (``models:/<name>/latest`` is always the highest version number)
+  and refuses to set it as an alias. Run tags
+  ``lamin_lightning.<model name>.best`` and ``.last`` name the keys they hold;
+* tags each version, under the prefix ``lamin_lightning.``, with its key,
+  storage URI, LaminDB artifact and run UIDs, ``monitor``, ``mode``,
+  ``score``, ``save_weights_only``, epoch and step, and its standing when
+  registered (``model_rank``, ``is_best_model``, ``is_last_model``; the
+  aliases, not these tags, follow later changes). The user's artifact-level
+  values (``Checkpoint(features={"artifact": ...})``) are tags under their
+  own names;
+* logs the run-level values once per fit. On a run the registrar started, the
+  scalar hyperparameters become params and the user's run-level feature
+  values tags, under their own names. On a run it reuses (``MLFlowLogger``'s
+  or the active run) no param is logged, because ``MLFlowLogger`` logs the
+  hyperparameters itself and MLflow refuses a param logged twice with
+  another value; run-level values become tags ``lamin_lightning.feature.<name>``
+  so no tag of the user is overwritten. Every run gets the tag
+  ``lamin_lightning.run_uid`` (the LaminDB run);
+* returns the run from ``lamin_lightning_fit_started`` as a
+  ``BackendRunLink`` (its URL when the tracking URI is an HTTP server), which
+  the LaminDB persister records as the run features ``mlflow_run_id`` and
+  ``mlflow_run_url``;
 * logs the LightningCLI config and ``hparams.yaml`` as run artifacts;
 * mirrors top-k eviction by the policy in ``LAMIN_LIGHTNING_MLFLOW_EVICTION``.
+
+Hooks run on the callback's worker thread, after the save. When the fallback
+must upload a file that eviction deleted meanwhile (built-in persister), the
+checkpoint is skipped with one INFO line.
 
 A version's source is the checkpoint file itself. Fetch it with
 ``mlflow.artifacts.download_artifacts(client.get_model_version_by_alias(name,
@@ -42,7 +68,8 @@ Environment:
     so is the run artifact when the fallback uploaded one, because the bytes
     it points to are gone. ``untag``: the version stays (with its uploaded
     copy, if any), loses its aliases and is tagged
-    ``lamin_lightning.evicted=true``.
+    ``lamin_lightning.evicted=true``. The previous version of a re-saved key
+    (``last.ckpt``) is retired the same way: its file was replaced.
 """
 
 from __future__ import annotations
@@ -60,12 +87,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Literal
 
 from lamin_lightning_core._errors import LaminLightningWarning, PluginUnavailable
+from lamin_lightning_core._events import BackendRunLink
 from lamin_lightning_core.hookspecs import hookimpl
 
 if importlib.util.find_spec("mlflow") is None:
     raise PluginUnavailable("mlflow", "mlflow")
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from pathlib import Path
 
     from mlflow import MlflowClient
@@ -73,6 +102,8 @@ if TYPE_CHECKING:
     from lamin_lightning_core._events import (
         ArtifactRemovedEvent,
         ArtifactSavedEvent,
+        CheckpointRank,
+        FeatureValue,
         FitEndedEvent,
         FitStartedEvent,
     )
@@ -88,12 +119,16 @@ LAST_ALIAS: Final = "last"
 TRACKING_URI_ENV: Final = "MLFLOW_TRACKING_URI"
 TAG_PREFIX: Final = "lamin_lightning."
 PROBE_TIMEOUT_S: Final = 5.0
+BATCH_SIZE: Final = 100
+"""Params and tags per ``log_batch`` call: MLflow's limit."""
 
 EvictionPolicy = Literal["delete", "untag"]
 EVICTION_POLICIES: Final[tuple[EvictionPolicy, ...]] = ("delete", "untag")
 
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 _NOT_IN_MODEL_NAME = re.compile(r"[^A-Za-z0-9_.\-]+")
+_NOT_IN_TAG_KEY = re.compile(r"[^\w./\- ]")
+"""What MLflow refuses in param and tag keys."""
 _RUN_STATUS: Final = {
     "finished": "FINISHED",
     "failed": "FAILED",
@@ -122,6 +157,8 @@ class _Fit:
     eviction: EvictionPolicy
     by_reference: bool = True
     versions: dict[str, _Version] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
+    """The key whose version holds each alias."""
     uploads: dict[Path, tuple[tuple[int, int], str]] = field(default_factory=dict)
 
 
@@ -132,12 +169,20 @@ _fits: dict[str, _Fit] = {}
 
 
 @hookimpl
-def lamin_lightning_fit_started(event: FitStartedEvent) -> None:
-    """Find or start the MLflow run and make sure the registered model exists."""
+def lamin_lightning_fit_started(event: FitStartedEvent) -> BackendRunLink | None:
+    """Find or start the MLflow run and make sure the registered model exists.
+
+    Returns:
+        The MLflow run, for the persister to record on the tracked run;
+        ``None`` if MLflow is not configured or its store failed.
+
+    Raises:
+        ValueError: if ``LAMIN_LIGHTNING_MLFLOW_EVICTION`` has an unknown value.
+    """
     eviction = _eviction_policy()
     tracking_uri = _usable_tracking_uri()
     if tracking_uri is None:
-        return
+        return None
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -151,9 +196,8 @@ def lamin_lightning_fit_started(event: FitStartedEvent) -> None:
             f"the MLflow tracking store at {tracking_uri!r} failed: {error}. Check "
             f"{TRACKING_URI_ENV} and that the store is writable"
         )
-        return
-    if event.run_uid:
-        client.set_tag(run_id, f"{TAG_PREFIX}run_uid", event.run_uid)
+        return None
+    _log_run_values(client, run_id, owns_run, event)
     _fits[event.callback_id] = _Fit(
         client, tracking_uri, run_id, owns_run, model_name, eviction
     )
@@ -164,6 +208,7 @@ def lamin_lightning_fit_started(event: FitStartedEvent) -> None:
         tracking_uri,
         model_name,
     )
+    return _run_link(client, tracking_uri, run_id)
 
 
 @hookimpl
@@ -179,16 +224,31 @@ def lamin_lightning_artifact_saved(event: ArtifactSavedEvent) -> None:
         )
         return
     previous = fit.versions.get(event.key)
-    registered, how = _create_version(fit, event)
-    fit.versions[event.key] = registered
-    for alias in (LAST_ALIAS, BEST_ALIAS) if event.is_best else (LAST_ALIAS,):
-        fit.client.set_registered_model_alias(fit.model_name, alias, registered.version)
-        fit.client.set_tag(
-            fit.run_id, f"{TAG_PREFIX}{fit.model_name}.{alias}", event.key
+    created = _create_version(fit, event)
+    if created is None:
+        # Registrars run after the save, on the callback's worker thread: with
+        # the built-in persister, Lightning may have evicted or rewritten the
+        # file meanwhile. Its removal event follows; nothing is lost.
+        log.info(
+            "MLflow: skipped %s, %s is gone and the tracking server refuses "
+            "references (evicted or replaced before the registrar ran)",
+            event.key,
+            event.local_path,
         )
-    if previous is not None and previous.source == registered.source:
-        # Same key, same source: the old version's bytes were overwritten.
-        _retire(fit, previous, reason="overwritten")
+        return
+    registered, how = created
+    fit.versions[event.key] = registered
+    # A new save is always the newest; a re-saved key whose standing did not
+    # change is missing from the ranking but its new version takes the aliases.
+    fit.aliases = {k: v for k, v in fit.aliases.items() if v != event.key}
+    _set_alias(fit, LAST_ALIAS, event.key)
+    if event.is_best:
+        _set_alias(fit, BEST_ALIAS, event.key)
+    _follow_ranking(fit, event.ranking)
+    if previous is not None:
+        # A re-saved key (last.ckpt) replaced its file: overwritten in place,
+        # or deleted by the persister (LaminDB keeps one artifact per key).
+        _retire(fit, previous, reason="replaced")
     log.info(
         "MLflow: registered %s as version %s of model %r %s",
         event.key,
@@ -209,6 +269,13 @@ def lamin_lightning_artifact_removed(event: ArtifactRemovedEvent) -> None:
         log.debug("MLflow: no live model version for evicted %s", event.key)
         return
     _retire(fit, registered, reason="evicted")
+    fit.aliases = {k: v for k, v in fit.aliases.items() if v != event.key}
+    _follow_ranking(fit, event.ranking)
+    if LAST_ALIAS not in fit.aliases and fit.versions:
+        # The ranking names no new last checkpoint (it only lists what
+        # changed): fall back to the highest version still alive.
+        newest = max(fit.versions, key=lambda k: int(fit.versions[k].version))
+        _set_alias(fit, LAST_ALIAS, newest)
 
 
 @hookimpl
@@ -318,6 +385,52 @@ def _model_name(event: FitStartedEvent) -> str:
 # -- runs and the model registry ----------------------------------------------
 
 
+def _log_run_values(
+    client: MlflowClient, run_id: str, owns_run: bool, event: FitStartedEvent
+) -> None:
+    """Log the fit's run-level values without clobbering a reused run's."""
+    from mlflow.entities import Param, RunTag
+
+    tags: dict[str, FeatureValue] = {f"{TAG_PREFIX}run_uid": event.run_uid}
+    params: dict[str, FeatureValue] = {}
+    if owns_run:
+        tags.update(event.run_features)
+        params.update(event.hyperparameters)
+    else:
+        tags.update(
+            {f"{TAG_PREFIX}feature.{k}": v for k, v in event.run_features.items()}
+        )
+    param_list = [Param(_key(k), _text(v)) for k, v in params.items() if v is not None]
+    tag_list = [RunTag(_key(k), _text(v)) for k, v in tags.items() if v is not None]
+    # MLflow takes at most 100 params and 100 tags per batch.
+    for start in range(0, max(len(param_list), len(tag_list)), BATCH_SIZE):
+        client.log_batch(
+            run_id,
+            params=param_list[start : start + BATCH_SIZE],
+            tags=tag_list[start : start + BATCH_SIZE],
+        )
+
+
+def _run_link(client: MlflowClient, tracking_uri: str, run_id: str) -> BackendRunLink:
+    experiment_id = client.get_run(run_id).info.experiment_id
+    experiment = client.get_experiment(experiment_id)
+    url = None
+    if tracking_uri.startswith(("http://", "https://")):
+        url = f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return BackendRunLink(
+        system=PLUGIN_NAME, run_id=run_id, url=url, project=experiment.name
+    )
+
+
+def _key(name: str) -> str:
+    return _NOT_IN_TAG_KEY.sub("_", name)
+
+
+def _text(value: FeatureValue) -> str:
+    # Lower-case booleans, as MLflow writes its own ("true"), for search.
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _find_or_start_run(
     client: MlflowClient, event: FitStartedEvent
 ) -> tuple[str, bool, str]:
@@ -359,8 +472,15 @@ def _ensure_registered_model(
         client.set_registered_model_tag(name, f"{TAG_PREFIX}mode", event.mode)
 
 
-def _create_version(fit: _Fit, event: ArtifactSavedEvent) -> tuple[_Version, str]:
-    """Register by reference, or upload once the server refused a reference."""
+def _create_version(
+    fit: _Fit, event: ArtifactSavedEvent
+) -> tuple[_Version, str] | None:
+    """Register by reference, or upload once the server refused a reference.
+
+    Returns:
+        The version and how it was created; ``None`` if it had to be uploaded
+        but the file is gone.
+    """
     from mlflow.exceptions import MlflowException
 
     tags = _version_tags(event)
@@ -378,7 +498,12 @@ def _create_version(fit: _Fit, event: ArtifactSavedEvent) -> tuple[_Version, str
             return _Version(str(created.version), str(created.source), None), (
                 f"by reference to {event.storage_uri}"
             )
-    artifact_path = _upload(fit, event.local_path, event.key)
+    try:
+        artifact_path = _upload(fit, event.local_path, event.key)
+    except OSError:
+        if event.local_path.exists():
+            raise
+        return None
     source = f"runs:/{fit.run_id}/{artifact_path}"
     created = fit.client.create_model_version(
         fit.model_name,
@@ -417,31 +542,47 @@ def _upload(fit: _Fit, local_path: Path, key: str) -> str:
 
 
 def _version_tags(event: ArtifactSavedEvent) -> dict[str, str]:
-    values = {
+    standing = event.ranking.get(event.key)
+    values: dict[str, FeatureValue] = {
         "key": event.key,
         "storage_uri": event.storage_uri,
         "artifact_uid": event.artifact_uid,
         "run_uid": event.run_uid,
         "monitor": event.monitor,
+        "mode": event.mode,
         "score": event.score,
+        "save_weights_only": event.save_weights_only,
         "epoch": event.epoch,
         "step": event.global_step,
+        **(standing.model_dump() if standing is not None else {}),
     }
-    return {f"{TAG_PREFIX}{k}": str(v) for k, v in values.items() if v is not None}
+    tags = {_key(k): _text(v) for k, v in event.features.items() if v is not None}
+    tags.update(
+        {f"{TAG_PREFIX}{k}": _text(v) for k, v in values.items() if v is not None}
+    )
+    return tags
+
+
+def _set_alias(fit: _Fit, alias: str, key: str) -> None:
+    registered = fit.versions.get(key)
+    if registered is None or fit.aliases.get(alias) == key:
+        return
+    fit.client.set_registered_model_alias(fit.model_name, alias, registered.version)
+    fit.client.set_tag(fit.run_id, f"{TAG_PREFIX}{fit.model_name}.{alias}", key)
+    fit.aliases[alias] = key
+
+
+def _follow_ranking(fit: _Fit, ranking: Mapping[str, CheckpointRank]) -> None:
+    """Point ``best`` and ``last`` at the keys the ranking gave those flags."""
+    for key, standing in ranking.items():
+        if standing.is_best_model:
+            _set_alias(fit, BEST_ALIAS, key)
+        if standing.is_last_model:
+            _set_alias(fit, LAST_ALIAS, key)
 
 
 def _retire(fit: _Fit, registered: _Version, reason: str) -> None:
     """Apply the eviction policy to a version whose bytes are gone."""
-    _retire_version(fit, registered, reason)
-    aliases = fit.client.get_registered_model(fit.model_name).aliases or {}
-    if LAST_ALIAS not in aliases and fit.versions:
-        newest = max(fit.versions.values(), key=lambda v: int(v.version))
-        fit.client.set_registered_model_alias(
-            fit.model_name, LAST_ALIAS, newest.version
-        )
-
-
-def _retire_version(fit: _Fit, registered: _Version, reason: str) -> None:
     if fit.eviction == "untag":
         model = fit.client.get_registered_model(fit.model_name)
         for alias, version in (model.aliases or {}).items():
@@ -483,7 +624,7 @@ def _delete_run_artifact(fit: _Fit, artifact_path: str) -> None:
     artifact_uri = fit.client.get_run(fit.run_id).info.artifact_uri
     repository = get_artifact_repository(artifact_uri, tracking_uri=fit.tracking_uri)
     try:
-        repository.delete_artifacts(artifact_path)  # type: ignore[no-untyped-call]
+        repository.delete_artifacts(artifact_path)
     except (MlflowException, NotImplementedError, OSError) as error:
         log.warning(
             "MLflow: could not delete the uploaded copy %s/%s of an evicted "

@@ -8,16 +8,30 @@ What a fit leaves in W&B, per run and ``Checkpoint`` callback:
   ``model-<run id>-<monitor>``. Each checkpoint is one version whose entry is
   named after the checkpoint file (a folder for a sharded checkpoint) and
   refers to ``event.storage_uri``.
-* Aliases: ``latest`` on every new version, ``best`` on a version that is the
-  callback's best when saved. W&B keeps an alias on one version of an
-  artifact, so both move as training goes on.
-* Version metadata: ``key``, ``storage_uri``, ``monitor``, ``score``,
-  ``epoch``, ``global_step``, ``lamindb_artifact_uid``, ``lamindb_run_uid``.
+* Aliases: ``latest`` on every new version, ``best`` on the callback's best
+  checkpoint. W&B keeps an alias on one version of an artifact, so both move
+  as training goes on. ``best`` follows ``event.ranking``, the same standing
+  LaminDB records as ``is_best_model``: when a save or an eviction makes an
+  older checkpoint the best, its version gets the alias back (online; see
+  offline runs below). The run summary holds the current best key under
+  ``lamin_lightning/<artifact name>/best``.
+* Version metadata: ``key``, ``storage_uri``, ``monitor``, ``mode``,
+  ``score``, ``save_weights_only``, ``epoch``, ``global_step``,
+  ``lamindb_artifact_uid``, ``lamindb_run_uid``; the checkpoint's standing
+  when it was saved (``model_rank``, ``is_best_model``, ``is_last_model``; the
+  aliases, not these values, follow later changes); and the user's
+  artifact-level values (``Checkpoint(features={"artifact": ...})``) under
+  ``features``.
 * The LightningCLI config and ``hparams.yaml`` as run files under
   ``lamin_lightning/<key>`` (the run's Files tab), and run config values
   ``lamin_run_uid``, ``lamin_config`` and ``lamin_hparams`` linking back to
-  LaminDB. :func:`run_link` gives the W&B run id and URL to record on the
-  LaminDB run.
+  LaminDB. Run config ``lamin_lightning`` holds the LaminDB run UID, the
+  user's run-level feature values (``features``), the scalar hyperparameters
+  and the trainer configuration, apart from what ``WandbLogger`` logs.
+* ``lamin_lightning_fit_started`` returns the run as a ``BackendRunLink``;
+  the LaminDB persister records it as the run features ``wandb_run_id`` and
+  ``wandb_run_url`` (no URL offline). :func:`run_link` gives the same run with
+  the artifact name.
 
 The plugin reuses the active run (``wandb.run``, e.g. opened by
 ``WandbLogger``) and never finishes it. With no active run it starts one if W&B
@@ -40,7 +54,12 @@ neither untagged nor deleted. Its ``latest``/``best`` aliases have normally
 moved to newer versions already (Lightning evicts after saving the better
 checkpoint); the evicted keys are listed in the run summary under
 ``lamin_lightning/<artifact name>/evicted`` so they can be pruned after
-``wandb sync``.
+``wandb sync``. Likewise ``best`` cannot move back to an older version
+offline: it stays where it was, and the run summary names the best key.
+
+Hooks run on the callback's worker thread, after the save. With the built-in
+persister the storage URI is Lightning's own file, which eviction may have
+deleted by then: such a checkpoint is skipped with one INFO line.
 """
 
 from __future__ import annotations
@@ -55,16 +74,20 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from lamin_lightning_core._errors import LaminLightningWarning, PluginUnavailable
+from lamin_lightning_core._events import BackendRunLink
 from lamin_lightning_core.hookspecs import hookimpl
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from types import ModuleType
 
     from lamin_lightning_core._events import (
         ArtifactRemovedEvent,
         ArtifactSavedEvent,
+        CheckpointRank,
         FitEndedEvent,
         FitStartedEvent,
     )
@@ -84,6 +107,8 @@ REFERENCE_SCHEMES: Final = frozenset({"file", "s3", "gs", "http", "https"})
 NAMESPACE: Final = "lamin_lightning"
 """Folder of run files and prefix of run summary keys."""
 EVICTED_TAG: Final = "evicted"
+BEST_ALIAS: Final = "best"
+LATEST_ALIAS: Final = "latest"
 
 
 @dataclass(frozen=True)
@@ -119,6 +144,9 @@ class _Registration:
     eviction: str
     versions: dict[str, Any] = field(default_factory=dict)
     alias_keys: dict[str, str] = field(default_factory=dict)
+    """Which key's version holds each alias in W&B."""
+    best_key: str | None = None
+    """The best checkpoint by the ranking; offline, may differ from the alias."""
     evicted: list[str] = field(default_factory=list)
 
 
@@ -182,8 +210,12 @@ def _wandb() -> ModuleType:
 
 
 @hookimpl
-def lamin_lightning_fit_started(event: FitStartedEvent) -> None:
+def lamin_lightning_fit_started(event: FitStartedEvent) -> BackendRunLink | None:
     """Find or start the W&B run and name this callback's model artifact.
+
+    Returns:
+        The W&B run, for the persister to record on the tracked run; ``None``
+        if W&B is disabled or not configured.
 
     Raises:
         ValueError: if a policy environment variable has an unknown value.
@@ -192,13 +224,12 @@ def lamin_lightning_fit_started(event: FitStartedEvent) -> None:
     _registrations[event.callback_id] = None
     run, started = _find_or_start_run(event)
     if run is None:
-        return
+        return None
     if run.disabled:
         log.debug("W&B run %s is disabled: nothing to register", run.id)
         _release(run, event.callback_id, started)
-        return
-    if event.run_uid is not None:
-        run.config.update({"lamin_run_uid": event.run_uid}, allow_val_change=True)
+        return None
+    _update_run_config(run, event)
     link = WandbRunLink(
         run_id=run.id,
         project=run.project,
@@ -215,6 +246,9 @@ def lamin_lightning_fit_started(event: FitStartedEvent) -> None:
         run.id,
         link.url or "offline",
         link.artifact_name,
+    )
+    return BackendRunLink(
+        system=PLUGIN_NAME, run_id=run.id, url=link.url, project=run.project
     )
 
 
@@ -254,6 +288,7 @@ def lamin_lightning_artifact_removed(event: ArtifactRemovedEvent) -> None:
         version.metadata = {**version.metadata, EVICTED_TAG: True}
         version.save()
         log.info("Untagged W&B version %s of evicted %s", version.name, event.key)
+    _follow_ranking(registration, event.ranking)
 
 
 @hookimpl
@@ -308,6 +343,22 @@ def _release(run: Any, callback_id: str, started: bool) -> bool:
     return True
 
 
+def _update_run_config(run: Any, event: FitStartedEvent) -> None:
+    # Under our own key: WandbLogger logs the hyperparameters at the top level
+    # and a second fit on the run may change them.
+    values: dict[str, Any] = {
+        NAMESPACE: {
+            "run_uid": event.run_uid,
+            "features": event.run_features,
+            "hyperparameters": event.hyperparameters,
+            "trainer": event.trainer_config,
+        }
+    }
+    if event.run_uid is not None:
+        values["lamin_run_uid"] = event.run_uid
+    run.config.update(values, allow_val_change=True)
+
+
 def _warn_not_configured(reason: str) -> None:
     warnings.warn(
         f"The {PLUGIN_NAME!r} plugin registers nothing in this fit: W&B is not "
@@ -349,24 +400,32 @@ def _log_checkpoint(registration: _Registration, event: ArtifactSavedEvent) -> N
             if event.monitor
             else "Lightning checkpoints, the newest is best (no monitor)"
         ),
-        metadata={
-            "key": event.key,
-            "storage_uri": event.storage_uri,
-            "monitor": event.monitor,
-            "score": event.score,
-            "epoch": event.epoch,
-            "global_step": event.global_step,
-            "lamindb_artifact_uid": event.artifact_uid,
-            "lamindb_run_uid": event.run_uid,
-        },
+        metadata=_metadata(event),
     )
-    how = _add_checkpoint(artifact, event, registration.upload)
-    aliases = ["latest", "best"] if event.is_best else ["latest"]
+    try:
+        how = _add_checkpoint(artifact, event, registration.upload)
+    except (OSError, ValueError):
+        # Registrars run after the save, on the callback's worker thread: with
+        # the built-in persister, Lightning may have evicted or rewritten the
+        # file meanwhile. Its removal event follows; nothing is lost.
+        gone = _missing_source(event, registration.upload)
+        if gone is None:
+            raise
+        log.info(
+            "W&B: skipped %s, %s is gone (evicted or replaced before the "
+            "registrar ran)",
+            event.key,
+            gone,
+        )
+        return
+    aliases = [LATEST_ALIAS, BEST_ALIAS] if event.is_best else [LATEST_ALIAS]
     registration.versions[event.key] = registration.run.log_artifact(
         artifact, aliases=aliases
     )
     for alias in aliases:
         registration.alias_keys[alias] = event.key
+    if event.is_best:
+        _record_best(registration, event.key)
     log.info(
         "Registered %s in W&B as %s (%s) by %s",
         event.key,
@@ -374,6 +433,80 @@ def _log_checkpoint(registration: _Registration, event: ArtifactSavedEvent) -> N
         ", ".join(aliases),
         how,
     )
+    _follow_ranking(registration, event.ranking, saved_key=event.key)
+
+
+def _metadata(event: ArtifactSavedEvent) -> dict[str, Any]:
+    standing = event.ranking.get(event.key)
+    return {
+        "key": event.key,
+        "storage_uri": event.storage_uri,
+        "monitor": event.monitor,
+        "mode": event.mode,
+        "score": event.score,
+        "save_weights_only": event.save_weights_only,
+        "epoch": event.epoch,
+        "global_step": event.global_step,
+        "lamindb_artifact_uid": event.artifact_uid,
+        "lamindb_run_uid": event.run_uid,
+        **(standing.model_dump() if standing is not None else {}),
+        "features": dict(event.features),
+    }
+
+
+def _follow_ranking(
+    registration: _Registration,
+    ranking: Mapping[str, CheckpointRank],
+    saved_key: str | None = None,
+) -> None:
+    """Move ``best`` to an older version that the ranking made the best."""
+    best = next(
+        (
+            key
+            for key, standing in ranking.items()
+            if standing.is_best_model and key != saved_key
+        ),
+        None,
+    )
+    if best is None or best == registration.best_key:
+        return
+    version = registration.versions.get(best)
+    if version is None:
+        log.debug("No W&B version of %s, the best checkpoint now", best)
+        return
+    _record_best(registration, best)
+    if registration.link.offline:
+        log.info(
+            "W&B run %s is offline: %s is the best checkpoint again, but alias "
+            "%r cannot move back to its version before `wandb sync`",
+            registration.link.run_id,
+            best,
+            BEST_ALIAS,
+        )
+        return
+    version.wait()
+    version.aliases = sorted({*version.aliases, BEST_ALIAS})
+    version.save()
+    registration.alias_keys[BEST_ALIAS] = best
+    log.info("Moved W&B alias %r to version %s (%s)", BEST_ALIAS, version.name, best)
+
+
+def _record_best(registration: _Registration, key: str) -> None:
+    registration.best_key = key
+    name = registration.link.artifact_name
+    registration.run.summary[f"{NAMESPACE}/{name}/{BEST_ALIAS}"] = key
+
+
+def _missing_source(event: ArtifactSavedEvent, upload: str) -> Path | None:
+    """The local file W&B would read for this checkpoint, if it is gone."""
+    uri = urlparse(event.storage_uri)
+    if upload == "reference" and uri.scheme == "file":
+        path = Path(url2pathname(uri.path))
+    elif upload == "reference" and uri.scheme in REFERENCE_SCHEMES:
+        return None  # remote: W&B checks it, not us
+    else:
+        path = event.local_path
+    return None if path.exists() else path
 
 
 def _add_checkpoint(artifact: Any, event: ArtifactSavedEvent, upload: str) -> str:

@@ -52,6 +52,9 @@ def report(checkpoint: ll.Checkpoint) -> None:
     config = checkpoint.last_config_artifact
     console.print(f"config artifact: {config.key if config else None}")
     console.print(f"run inputs: {len(inputs)}, run outputs: {len(outputs)}")
+    for link in checkpoint.backend_runs:
+        where = link.url or "offline"
+        console.print(f"mirrored in {link.system}: run {link.run_id} ({where})")
     if best is not None:
         console.print(f"last event: {best.model_dump_json()}", soft_wrap=True)
 

@@ -23,6 +23,8 @@ from lamin_lightning_core._errors import LaminLightningWarning
 from lamin_lightning_core._events import (
     ArtifactRemovedEvent,
     ArtifactSavedEvent,
+    BackendRunLink,
+    CheckpointRank,
     FitEndedEvent,
     FitStartedEvent,
 )
@@ -66,7 +68,9 @@ class Events:
     def model_name(self) -> str:
         return f"jobs-{self.job}-checkpoints"
 
-    def started(self, logger_version: str | None = None) -> FitStartedEvent:
+    def started(
+        self, logger_version: str | None = None, **fields: object
+    ) -> FitStartedEvent:
         return FitStartedEvent(
             callback_id=self.callback_id,
             run_uid=RUN_UID,
@@ -75,6 +79,7 @@ class Events:
             logger_version=logger_version,
             monitor="val_loss",
             mode="min",
+            **fields,  # type: ignore[arg-type]
         )
 
     def saved(
@@ -85,6 +90,7 @@ class Events:
         is_best: bool = False,
         step: int = 0,
         kind: str = "checkpoint",
+        **fields: object,
     ) -> ArtifactSavedEvent:
         folder = self.prefix if kind != "config" else posixpath.dirname(self.prefix)
         key = f"{folder}/{name}"
@@ -104,15 +110,18 @@ class Events:
             monitor="val_loss" if kind == "checkpoint" else None,
             score=score,
             is_best=is_best,
+            **fields,  # type: ignore[arg-type]
         )
 
-    def removed(self, saved: ArtifactSavedEvent) -> ArtifactRemovedEvent:
+    def removed(
+        self, saved: ArtifactSavedEvent, **fields: object
+    ) -> ArtifactRemovedEvent:
         saved.local_path.unlink()
-        fields = saved.model_dump(
+        values = saved.model_dump(
             include={"callback_id", "run_uid", "kind", "key", "local_path"}
             | {"storage_uri", "artifact_uid", "epoch", "global_step"}
         )
-        return ArtifactRemovedEvent(**fields)
+        return ArtifactRemovedEvent(**values, **fields)  # type: ignore[arg-type]
 
     def ended(self, status: str = "finished") -> FitEndedEvent:
         return FitEndedEvent(
@@ -191,6 +200,10 @@ def events(tmp_path: Path) -> Callable[[str], Events]:
     return make
 
 
+def rank(model_rank: int, best: bool, last: bool) -> CheckpointRank:
+    return CheckpointRank(model_rank=model_rank, is_best_model=best, is_last_model=last)
+
+
 def aliases_of(client: MlflowClient, name: str) -> dict[str, str]:
     # The SQLite store answers with int versions, the REST API with strings.
     aliases = client.get_registered_model(name).aliases
@@ -212,7 +225,7 @@ def test_checkpoints_become_versions_with_moving_aliases_and_tags(
 ) -> None:
     fit = events("versions")
     caplog.set_level(logging.INFO, logger=adapter.__name__)
-    adapter.lamin_lightning_fit_started(event=fit.started())
+    link = adapter.lamin_lightning_fit_started(event=fit.started())
     first = fit.saved("epoch=0-step=10.ckpt", score=0.9, is_best=True, step=10)
     second = fit.saved("epoch=1-step=20.ckpt", score=0.5, is_best=True, step=20)
     third = fit.saved("epoch=2-step=30.ckpt", score=0.7, step=30)
@@ -257,6 +270,17 @@ def test_checkpoints_become_versions_with_moving_aliases_and_tags(
 
     run = client.get_run(run_id)
     assert run.info.experiment_id == backend.experiment_id
+    experiment = client.get_experiment(backend.experiment_id)
+    assert link == BackendRunLink(
+        system="mlflow",
+        run_id=run_id,
+        url=(
+            f"{backend.uri}/#/experiments/{backend.experiment_id}/runs/{run_id}"
+            if backend.name == "server"
+            else None
+        ),
+        project=experiment.name,
+    )
     assert run.data.tags["lamin_lightning.run_uid"] == RUN_UID
     assert run.data.tags[f"lamin_lightning.{fit.model_name}.best"] == second.key
     assert run.data.tags[f"lamin_lightning.{fit.model_name}.last"] == third.key
@@ -367,6 +391,97 @@ def test_a_link_to_an_uploaded_checkpoint_is_not_uploaded_again(
     assert [item.path for item in listed] == [target.key]
 
 
+def test_annotations_are_tags_and_aliases_follow_the_ranking(
+    backend: Backend, events: Callable[[str], Events]
+) -> None:
+    fit = events("ranking")
+    adapter.lamin_lightning_fit_started(
+        event=fit.started(
+            run_features={"dataset": "digits", "curated": True},
+            hyperparameters={"lr": 0.1, "layers": 2},
+        )
+    )
+    annotated = {"mode": "min", "save_weights_only": False}
+    first = fit.saved(
+        "a.ckpt",
+        score=0.5,
+        is_best=True,
+        step=10,
+        ranking={f"{fit.prefix}/a.ckpt": rank(0, True, True)},
+        features={"split": "train", "data version": 3},
+        **annotated,
+    )
+    second_key = f"{fit.prefix}/b.ckpt"
+    second = fit.saved(
+        "b.ckpt",
+        score=0.3,
+        is_best=True,
+        step=20,
+        ranking={second_key: rank(0, True, True), first.key: rank(1, False, False)},
+        **annotated,
+    )
+    adapter.lamin_lightning_artifact_saved(event=first)
+    adapter.lamin_lightning_artifact_saved(event=second)
+    client = MlflowClient()
+    assert aliases_of(client, fit.model_name) == {"best": "2", "last": "2"}
+    # Evicting the best and the newest (a callback without monitor may) hands
+    # both aliases to the checkpoint the ranking names.
+    adapter.lamin_lightning_artifact_removed(
+        event=fit.removed(second, ranking={first.key: rank(0, True, True)})
+    )
+    run_id = mlflow.active_run().info.run_id  # type: ignore[union-attr]
+    adapter.lamin_lightning_fit_ended(event=fit.ended())
+
+    assert aliases_of(client, fit.model_name) == {"best": "1", "last": "1"}
+    tags = client.get_model_version(fit.model_name, "1").tags
+    assert {k: tags[k] for k in ("split", "data version")} == {
+        "split": "train",
+        "data version": "3",
+    }
+    assert {k: v for k, v in tags.items() if k.endswith(("_model", "rank"))} == {
+        "lamin_lightning.model_rank": "0",
+        "lamin_lightning.is_best_model": "true",
+        "lamin_lightning.is_last_model": "true",
+    }
+    assert tags["lamin_lightning.mode"] == "min"
+    assert tags["lamin_lightning.save_weights_only"] == "false"
+    run = client.get_run(run_id)
+    assert run.data.params == {"lr": "0.1", "layers": "2"}
+    assert run.data.tags["dataset"] == "digits"
+    assert run.data.tags["curated"] == "true"
+    assert run.data.tags[f"lamin_lightning.{fit.model_name}.best"] == first.key
+
+
+@pytest.mark.slow
+def test_a_file_gone_before_its_upload_is_skipped(
+    server_backend: Backend,
+    events: Callable[[str], Events],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Registrars run on the callback's worker thread: with the built-in
+    # persister, Lightning may have evicted the file by then. A server that
+    # refuses file:// sources needs the bytes for the fallback upload.
+    mlflow.set_tracking_uri(server_backend.uri)
+    caplog.set_level(logging.INFO, logger=adapter.__name__)
+    fit = events("gone")
+    adapter.lamin_lightning_fit_started(event=fit.started())
+    gone = fit.saved("epoch=0-step=10.ckpt", is_best=True, step=10)
+    gone.local_path.unlink()
+    adapter.lamin_lightning_artifact_saved(event=gone)
+    kept = fit.saved("epoch=1-step=20.ckpt", is_best=True, step=20)
+    adapter.lamin_lightning_artifact_saved(event=kept)
+    adapter.lamin_lightning_fit_ended(event=fit.ended())
+
+    client = MlflowClient()
+    (version,) = versions_of(client, fit.model_name).values()
+    assert version.tags["lamin_lightning.key"] == kept.key
+    assert aliases_of(client, fit.model_name) == {
+        "best": version.version,
+        "last": version.version,
+    }
+    assert f"MLflow: skipped {gone.key}, {gone.local_path} is gone" in caplog.text
+
+
 # -- which run ----------------------------------------------------------------
 
 
@@ -375,13 +490,22 @@ def test_an_active_run_is_used_and_left_open(
 ) -> None:
     fit = events("active")
     active = mlflow.start_run(experiment_id=backend.experiment_id)
-    adapter.lamin_lightning_fit_started(event=fit.started())
+    mlflow.set_tag("dataset", "the user's")
+    adapter.lamin_lightning_fit_started(
+        event=fit.started(
+            run_features={"dataset": "digits"}, hyperparameters={"lr": 0.1}
+        )
+    )
     adapter.lamin_lightning_artifact_saved(event=fit.saved("a.ckpt", is_best=True))
     adapter.lamin_lightning_fit_ended(event=fit.ended())
 
     client = MlflowClient()
     assert client.get_model_version(fit.model_name, "1").run_id == active.info.run_id
-    assert client.get_run(active.info.run_id).info.status == "RUNNING"
+    run = client.get_run(active.info.run_id)
+    assert run.info.status == "RUNNING"
+    assert run.data.params == {}, "a reused run's params are the user's"
+    assert run.data.tags["dataset"] == "the user's"
+    assert run.data.tags["lamin_lightning.feature.dataset"] == "digits"
     still_active = mlflow.active_run()
     assert still_active is not None
     assert still_active.info.run_id == active.info.run_id

@@ -28,7 +28,9 @@ from lamin_lightning_adapters import wandb as plugin
 from lamin_lightning_core import (
     ArtifactRemovedEvent,
     ArtifactSavedEvent,
+    BackendRunLink,
     Checkpoint,
+    CheckpointRank,
     FitEndedEvent,
     FitStartedEvent,
     LaminLightningWarning,
@@ -170,9 +172,13 @@ def _saved(
     return ArtifactSavedEvent(**{**values, **fields})
 
 
-def _removed(saved: ArtifactSavedEvent) -> ArtifactRemovedEvent:
-    fields = {"callback_id", "run_uid", "kind", "key", "local_path", "storage_uri"}
-    return ArtifactRemovedEvent(**saved.model_dump(include=fields))
+def _removed(saved: ArtifactSavedEvent, **fields) -> ArtifactRemovedEvent:
+    names = {"callback_id", "run_uid", "kind", "key", "local_path", "storage_uri"}
+    return ArtifactRemovedEvent(**{**saved.model_dump(include=names), **fields})
+
+
+def _rank(model_rank: int, best: bool, last: bool) -> CheckpointRank:
+    return CheckpointRank(model_rank=model_rank, is_best_model=best, is_last_model=last)
 
 
 def _ended(callback_id: str = CB) -> FitEndedEvent:
@@ -183,7 +189,7 @@ def _ended(callback_id: str = CB) -> FitEndedEvent:
 
 
 def test_checkpoints_become_versions_of_one_model_artifact(home, tmp_path):
-    plugin.lamin_lightning_fit_started(event=_started())
+    returned = plugin.lamin_lightning_fit_started(event=_started())
     link = plugin.run_link(CB)
     saves = [
         _saved(tmp_path, 10, 0.5, True),
@@ -195,6 +201,9 @@ def test_checkpoints_become_versions_of_one_model_artifact(home, tmp_path):
     plugin.lamin_lightning_fit_ended(event=_ended())
 
     assert link is not None
+    assert returned == BackendRunLink(
+        system="wandb", run_id=link.run_id, url=None, project=link.project
+    )
     assert (link.offline, link.url, link.started_here) == (True, None, True)
     assert link.artifact_name == f"model-{link.run_id}"
     assert wandb.run is None, "the plugin finishes the run it started"
@@ -216,15 +225,73 @@ def test_checkpoints_become_versions_of_one_model_artifact(home, tmp_path):
         "key": saves[1].key,
         "storage_uri": saves[1].storage_uri,
         "monitor": "val_loss",
+        "mode": None,
         "score": 0.7,
+        "save_weights_only": None,
         "epoch": 2,
         "global_step": 20,
         "lamindb_artifact_uid": "lnArt00000000020",
         "lamindb_run_uid": RUN_UID,
+        "features": {},
     }
     assert _updates(records, "config")["lamin_run_uid"] == RUN_UID
     (exit_record,) = [r.exit for r in records if r.WhichOneof("record_type") == "exit"]
     assert exit_record.exit_code == 0
+
+
+def test_annotations_travel_and_best_follows_the_ranking(home, tmp_path, caplog):
+    started = _started().model_copy(
+        update={
+            "run_features": {"dataset": "digits"},
+            "hyperparameters": {"lr": 0.1},
+            "trainer_config": {"max_epochs": 3, "precision": "32-true"},
+        }
+    )
+    plugin.lamin_lightning_fit_started(event=started)
+    annotated = {"mode": "min", "save_weights_only": False, "features": {"split": 1}}
+    first = _saved(tmp_path, 10, 0.5, True, **annotated)
+    second = _saved(tmp_path, 20, 0.3, True, **annotated)
+    plugin.lamin_lightning_artifact_saved(
+        event=first.model_copy(update={"ranking": {first.key: _rank(0, True, True)}})
+    )
+    plugin.lamin_lightning_artifact_saved(
+        event=second.model_copy(
+            update={
+                "ranking": {
+                    second.key: _rank(0, True, True),
+                    first.key: _rank(1, False, False),
+                }
+            }
+        )
+    )
+    # An eviction of the best (e.g. by a callback without monitor) makes the
+    # first checkpoint the best again.
+    with caplog.at_level(logging.INFO, logger=plugin.__name__):
+        plugin.lamin_lightning_artifact_removed(
+            event=_removed(second, ranking={first.key: _rank(0, True, True)})
+        )
+    link = plugin.run_link(CB)
+    plugin.lamin_lightning_fit_ended(event=_ended())
+
+    records = _records(home, link.run_id)
+    versions = _versions(records, link.artifact_name)
+    metadata = json.loads(versions[0].metadata)
+    assert {k: metadata[k] for k in (*annotated, "model_rank")} == {
+        **annotated,
+        "model_rank": 0,
+    }
+    assert (metadata["is_best_model"], metadata["is_last_model"]) == (True, True)
+    assert _updates(records, "config")["lamin_lightning"] == {
+        "run_uid": RUN_UID,
+        "features": {"dataset": "digits"},
+        "hyperparameters": {"lr": 0.1},
+        "trainer": {"max_epochs": 3, "precision": "32-true"},
+    }
+    summary = _updates(records, "summary")
+    assert summary[f"lamin_lightning/{link.artifact_name}/best"] == first.key
+    # Offline, a logged version's aliases are fixed: "best" stays on the second.
+    assert _holders(versions) == {"best": 1, "latest": 1}
+    assert "cannot move back" in caplog.text
 
 
 @pytest.mark.parametrize("policy", ["untag", "delete"], ids=["untag", "delete"])
@@ -285,6 +352,28 @@ def test_a_scheme_without_reference_support_is_uploaded(home, tmp_path):
         Path(_entry(version).local_path).read_bytes() == event.local_path.read_bytes()
     )
     assert json.loads(version.metadata)["storage_uri"] == "lamin://bucket/x.ckpt"
+
+
+@pytest.mark.parametrize("policy", ["reference", "upload"], ids=["reference", "upload"])
+def test_a_file_gone_before_registration_is_skipped(
+    home, tmp_path, monkeypatch, caplog, policy
+):
+    # Registrars run on the callback's worker thread: with the built-in
+    # persister, Lightning may have evicted the file by then.
+    monkeypatch.setenv(plugin.UPLOAD_ENV, policy)
+    plugin.lamin_lightning_fit_started(event=_started())
+    gone = _saved(tmp_path, 10, 0.5, True)
+    gone.local_path.unlink()
+    with caplog.at_level(logging.INFO, logger=plugin.__name__):
+        plugin.lamin_lightning_artifact_saved(event=gone)
+        plugin.lamin_lightning_artifact_removed(event=_removed(gone))
+    plugin.lamin_lightning_artifact_saved(event=_saved(tmp_path, 20, 0.4, True))
+    link = plugin.run_link(CB)
+    plugin.lamin_lightning_fit_ended(event=_ended())
+
+    (version,) = _versions(_records(home, link.run_id), link.artifact_name)
+    assert json.loads(version.metadata)["global_step"] == 20
+    assert f"W&B: skipped {gone.key}, {gone.local_path} is gone" in caplog.text
 
 
 def test_config_and_hparams_are_run_files(home, tmp_path):
@@ -445,12 +534,18 @@ def _fit(checkpoint: Checkpoint, logger) -> None:
     assert checkpoint.delivery_failures == []
 
 
+# With the built-in persister, storage URIs are Lightning's own files, which an
+# asynchronous callback may deliver after eviction (test above); synchronous
+# delivery makes the counts below exact.
+
+
 def test_a_fit_with_wandb_logger_registers_its_checkpoints(home, tmp_path):
     checkpoint = Checkpoint(
         dirpath=tmp_path / "ckpts",
         monitor="val_loss",
         save_top_k=2,
         disable_plugins=OTHER_PLUGINS,
+        asynchronous=False,
     )
     logger = WandbLogger(project="fit", save_dir=str(tmp_path), offline=True)
     _fit(checkpoint, logger)
@@ -486,6 +581,7 @@ def test_a_fit_without_logger_runs_its_own_run_and_versions_last_ckpt(home, tmp_
         save_top_k=1,
         save_last=True,
         disable_plugins=OTHER_PLUGINS,
+        asynchronous=False,
     )
     _fit(checkpoint, logger=False)
 
