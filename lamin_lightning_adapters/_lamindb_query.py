@@ -78,7 +78,7 @@ def _record(
 
 def fetch_checkpoint(ln: Any, record: CheckpointRecord) -> str:
     """A local path of the checkpoint; tracked as an input of the current run."""
-    artifact = record.artifact
+    artifact: Any = record.artifact
     if artifact is None:
         artifact = ln.Artifact.get(uid=record.artifact_uid)
     return str(artifact.cache())

@@ -26,33 +26,27 @@ def plot_scores(records: list[CheckpointRecord], path: Path) -> None:
         raise ImportError(
             'Plotting needs matplotlib: pip install "lamin-lightning[plot]"'
         ) from error
-    points = [r for r in records if r.global_step is not None and r.score is not None]
+    points = [
+        (r.global_step, r.score, r.is_best_model)
+        for r in records
+        if r.global_step is not None and r.score is not None
+    ]
     if not points:
         raise ValueError(
             "None of the checkpoints has both a step in its file name and a score; "
             "nothing to plot."
         )
     figure, axes = plt.subplots(figsize=(7, 4))
-    axes.plot(
-        [r.global_step for r in points],
-        [r.score for r in points],
-        "o-",
-        label="kept checkpoints",
-    )
-    best = [r for r in points if r.is_best_model]
+    steps, scores, _ = zip(*points, strict=True)
+    axes.plot(steps, scores, "o-", label="kept checkpoints")
+    best = [(step, score) for step, score, is_best in points if is_best]
     if best:
-        axes.plot(
-            [r.global_step for r in best],
-            [r.score for r in best],
-            "*",
-            markersize=16,
-            label="best",
-        )
-    monitor = points[0].mode or ""
+        best_steps, best_scores = zip(*best, strict=True)
+        axes.plot(best_steps, best_scores, "*", markersize=16, label="best")
     axes.set(
         xlabel="global step",
-        ylabel=f"score ({monitor})",
-        title=points[0].key.rsplit("/", 1)[0],
+        ylabel=f"score ({records[0].mode or 'min'} is better)",
+        title=records[0].key.rsplit("/", 1)[0],
     )
     axes.legend()
     figure.tight_layout()
