@@ -14,13 +14,14 @@ them as usual (``ln.Artifact.filter(is_best_model=True)``).
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from lamin_lightning_core._annotations import AUTO_ARTIFACT_FEATURES, AUTO_RUN_FEATURES
 from lamin_lightning_core._errors import LaminLightningError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Iterable, Iterator, Mapping
 
     from lamin_lightning_core._events import (
         CheckpointRank,
@@ -62,35 +63,43 @@ _RANK_FEATURES = ("model_rank", "is_best_model", "is_last_model")
 def save_lightning_features() -> None:
     """Create the auto-features under the ``lamin_lightning`` feature type.
 
-    Idempotent: existing features are kept, and a concurrent creation by
-    another process is tolerated.
+    Idempotent, and safe from two processes at once: lamindb has no unique
+    constraint on a feature's name and type, so creation runs under a lock
+    held across processes (an advisory lock on PostgreSQL, a file lock next
+    to a SQLite database).
     """
     import lamindb as ln
-    from django.db import IntegrityError
 
-    feature_type = _get_or_create(
-        lambda: ln.Feature.filter(name=FEATURE_TYPE, is_type=True).first(),
-        lambda: ln.Feature(name=FEATURE_TYPE, is_type=True).save(),
-        IntegrityError,
-    )
-    for name, dtype in DTYPES.items():
-        _get_or_create(
-            lambda name=name: ln.Feature.filter(name=name, type=feature_type).first(),
-            lambda name=name, dtype=dtype: ln.Feature(
-                name=name, dtype=dtype, type=feature_type
-            ).save(),
-            IntegrityError,
+    with _instance_lock(ln):
+        feature_type = ln.Feature.filter(name=FEATURE_TYPE, is_type=True).first()
+        if feature_type is None:
+            feature_type = ln.Feature(name=FEATURE_TYPE, is_type=True).save()
+        existing = set(
+            ln.Feature.filter(type=feature_type).values_list("name", flat=True)
         )
+        for name, dtype in DTYPES.items():
+            if name not in existing:
+                ln.Feature(name=name, dtype=dtype, type=feature_type).save()
 
 
-def _get_or_create(get: Any, create: Any, race: type[Exception]) -> Any:
-    found = get()
-    if found is not None:
-        return found
-    try:
-        return create()
-    except race:  # another process created it between our read and write
-        return get()
+@contextmanager
+def _instance_lock(ln: Any) -> Iterator[None]:
+    from django.db import connection, transaction
+
+    if connection.vendor == "postgresql":
+        with transaction.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_LOCK_ID])
+            yield
+        return
+    from filelock import FileLock
+
+    database = ln.setup.settings.instance.db.removeprefix("sqlite:///")
+    with FileLock(f"{database}.lamin-lightning.lock", timeout=60):
+        yield
+
+
+_LOCK_ID = 0x4C4C_4645  # "LLFE": lamin-lightning feature creation
 
 
 class FeatureWriter:
