@@ -14,7 +14,9 @@ $(STAMP): pyproject.toml tests/recorder_plugin/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: any resolver left alone would pull a multi-GB CUDA build
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev]" ./tests/recorder_plugin
+	$(BIN)/pip install --quiet -e ".[dev]"
+	# the test plugin depends on this project, which is not on any index
+	$(BIN)/pip install --quiet --no-deps ./tests/recorder_plugin
 	touch $(STAMP)
 
 # The registrars run offline next to the embedded LaminDB instance unless the
