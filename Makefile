@@ -10,11 +10,11 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml tests/recorder_plugin/pyproject.toml
+$(STAMP): pyproject.toml constraints.txt tests/recorder_plugin/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: any resolver left alone would pull a multi-GB CUDA build
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
 	# the test plugin depends on this project, which is not on any index
 	$(BIN)/pip install --quiet --no-deps ./tests/recorder_plugin
 	touch $(STAMP)
