@@ -119,7 +119,9 @@ def ensure_local_instance(root: str | os.PathLike[str], name: str) -> str:
     os.environ.setdefault("LAMIN_CACHE_DIR", str(root / "cache"))
     slug = f"anonymous/{name}"
     if not _settings_file(f"instance--anonymous--{name}.env").exists():
-        command = ["lamin", "init", "--storage", str(root / "storage"), "--name", name]
+        # the lamin CLI of this interpreter, whether or not it is on PATH
+        command = [sys.executable, "-m", "lamin_cli", "init"]
+        command += ["--storage", str(root / "storage"), "--name", name]
         # lamin init leaves a marker file in its working directory: keep it
         # inside root rather than in the user's project folder.
         root.mkdir(parents=True, exist_ok=True)

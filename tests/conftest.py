@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +37,9 @@ def lamin_instance() -> Iterator[str]:
     """Create the session's LaminDB instance before any test runs."""
     subprocess.run(
         [
-            "lamin",
+            sys.executable,  # the lamin CLI of this interpreter, PATH or not
+            "-m",
+            "lamin_cli",
             "init",
             "--storage",
             str(SESSION_ROOT / "storage"),

@@ -303,7 +303,16 @@ def test_save_lightning_features_is_idempotent_across_processes(
     settings = os.environ["LAMIN_SETTINGS_DIR"]
     name = f"ll-race-{os.getpid()}"
     subprocess.run(
-        ["lamin", "init", "--storage", str(tmp_path / "store"), "--name", name],
+        [
+            sys.executable,
+            "-m",
+            "lamin_cli",
+            "init",
+            "--storage",
+            str(tmp_path / "store"),
+            "--name",
+            name,
+        ],
         check=True,
         capture_output=True,
         cwd=tmp_path,
