@@ -1,9 +1,17 @@
-"""``Checkpoint``: a thin ``ModelCheckpoint`` that publishes what it writes."""
+"""``Checkpoint``: a thin ``ModelCheckpoint`` that publishes what it writes.
+
+Each save is split in two. On the training thread, right after Lightning wrote
+the file, the callback takes what depends on that moment (key, score, ranking,
+feature values, epoch and step) and stages the file (``_staging``). A worker
+thread (``_worker``) then persists it, builds the event and broadcasts it, in
+save order. With ``asynchronous=False`` the same job runs inline.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
-import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
-from lamin_lightning_core import _annotations, _keys
+from lamin_lightning_core import _annotations, _keys, _trainer
 from lamin_lightning_core._bus import DeliveryFailure, create_bus
+from lamin_lightning_core._delivery import DESCRIPTIONS, Delivery, PendingSave
 from lamin_lightning_core._events import (
     ArtifactRemovedEvent,
     ArtifactSavedEvent,
@@ -25,8 +34,13 @@ from lamin_lightning_core._events import (
 )
 from lamin_lightning_core._observers import ObserverPlugin, check_observer
 from lamin_lightning_core._ranking import Ranking
+from lamin_lightning_core._staging import Stager
+from lamin_lightning_core._worker import Worker
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from concurrent.futures import Future
+
     import lightning.pytorch as pl
     import pluggy
 
@@ -38,12 +52,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_DESCRIPTIONS = {
-    "checkpoint": "Lightning model checkpoint",
-    "config": "LightningCLI config",
-    "hparams": "Lightning hparams.yaml",
-}
-
 
 class Checkpoint(ModelCheckpoint):
     """Save checkpoints like ``ModelCheckpoint`` and publish each as an artifact.
@@ -52,6 +60,22 @@ class Checkpoint(ModelCheckpoint):
     :class:`SaveConfigCallback`) the LightningCLI config is handed to the
     persister (LaminDB when installed, else the file stays where it is), then
     announced to bus plugins, observers and :meth:`on_artifact_saved`.
+
+    By default this happens on a background thread, one per callback, so
+    training goes on while a file is hashed, copied and registered. Right
+    after Lightning writes a file, the training thread hard-links it into
+    ``.lamin-lightning-staging/`` next to it, so top-k eviction cannot delete
+    it before it is persisted. ``trainer.fit`` returns only once everything is
+    persisted and announced, also when the fit fails or is interrupted.
+    Events of one key arrive in save order, and a removed event never
+    overtakes its saved event.
+
+    Persister hooks, registrars, observers and the subclass hooks
+    :meth:`on_artifact_saved` / :meth:`on_artifact_removed` run on that
+    background thread (``lamin_lightning_fit_started`` and ``_fit_ended`` on
+    the training thread). A persister error there still fails the fit: it is
+    raised on the training thread at the next save or when training ends, and
+    the staged file stays on disk.
 
     Args:
         *args: positional arguments of ``ModelCheckpoint``.
@@ -64,11 +88,19 @@ class Checkpoint(ModelCheckpoint):
         plugins: plugin objects with ``hookimpl`` methods, added to those
             installed through the ``lamin_lightning`` entry-point group.
         disable_plugins: names of installed plugins to switch off.
+        asynchronous: persist and announce on a background thread. With
+            ``False`` each save is persisted and announced before Lightning's
+            save returns, on the training thread.
+        max_pending: with ``asynchronous``, how many saves may wait while one
+            is persisted. A further save blocks training until one is done, so
+            a slow backend slows training down instead of filling the disk
+            with staged files.
         **kwargs: keyword arguments of ``ModelCheckpoint`` (``monitor``,
             ``mode``, ``save_top_k``, ``dirpath``, ``filename``, ...).
 
     Raises:
-        ValueError: if ``features`` has keys other than ``run``/``artifact``.
+        ValueError: if ``features`` has keys other than ``run``/``artifact``,
+            or ``max_pending`` is negative.
         PluginLoadError: if an installed plugin fails to import or validate.
     """
 
@@ -80,11 +112,14 @@ class Checkpoint(ModelCheckpoint):
         artifact_observers: Sequence[Any] | None = None,
         plugins: Sequence[Any] | None = None,
         disable_plugins: Sequence[str] | None = None,
+        asynchronous: bool = True,
+        max_pending: int = 4,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.features = _annotations.check_features(features)
         self.run_uid_is_version = run_uid_is_version
+        self.asynchronous = asynchronous
         self._user_dirpath = kwargs.get("dirpath", args[0] if args else None)
         for observer in artifact_observers or ():
             check_observer(observer)
@@ -92,12 +127,17 @@ class Checkpoint(ModelCheckpoint):
         for observer in artifact_observers or ():
             self._bus.register(ObserverPlugin(observer))
         self._bus.register(ObserverPlugin(self), name=f"{type(self).__name__}-hooks")
+        self._worker = Worker(
+            "lamin-lightning-checkpoint",
+            max_pending=max_pending,
+            synchronous=not asynchronous,
+        )
+        self._stager = Stager(enabled=asynchronous)
         self._base_prefix: str | None = None
         self._run_uid: str | None = None
         self._fit_status: FitStatus | None = None
-        self._saved: dict[str, ArtifactSavedEvent] = {}
-        self._last: dict[str, ArtifactSavedEvent] = {}
-        self._last_event: ArtifactSavedEvent | ArtifactRemovedEvent | None = None
+        self._delivery = Delivery(self._bus, self._stager)
+        self._staged_keys: dict[Path, str] = {}
         self._hparams_stamp: tuple[int, int] | None = None
         self._ranking = Ranking(self.mode)  # type: ignore[arg-type]
         self._backend_runs: list[BackendRunLink] = []
@@ -105,10 +145,16 @@ class Checkpoint(ModelCheckpoint):
     # -- subclass hooks -------------------------------------------------------
 
     def on_artifact_saved(self, event: ArtifactSavedEvent) -> None:
-        """Called on rank zero after each artifact is persisted; override it."""
+        """Called on rank zero after each artifact is persisted; override it.
+
+        Runs on the background thread unless ``asynchronous=False``.
+        """
 
     def on_artifact_removed(self, event: ArtifactRemovedEvent) -> None:
-        """Called on rank zero after an evicted checkpoint is removed."""
+        """Called on rank zero after an evicted checkpoint is removed.
+
+        Runs on the background thread unless ``asynchronous=False``.
+        """
 
     # -- public state ---------------------------------------------------------
 
@@ -153,31 +199,59 @@ class Checkpoint(ModelCheckpoint):
 
     @property
     def last_checkpoint_artifact(self) -> Any:
-        """The record of the newest persisted checkpoint, or ``None``."""
+        """The record of the newest delivered checkpoint, or ``None``.
+
+        Like every ``last_*`` accessor it reflects the events delivered so far:
+        during an asynchronous fit it lags behind the training thread; after
+        ``trainer.fit`` returns (or :meth:`flush`) it is final.
+        """
         return self._last_artifact("checkpoint")
 
     @property
     def last_config_artifact(self) -> Any:
-        """The record of the persisted LightningCLI config, or ``None``."""
+        """The record of the delivered LightningCLI config, or ``None``."""
         return self._last_artifact("config")
 
     @property
     def last_hparams_artifact(self) -> Any:
-        """The record of the persisted ``hparams.yaml``, or ``None``."""
+        """The record of the delivered ``hparams.yaml``, or ``None``."""
         return self._last_artifact("hparams")
 
     @property
     def last_artifact_event(self) -> ArtifactSavedEvent | ArtifactRemovedEvent | None:
-        """The newest event of any kind this callback emitted."""
-        return self._last_event
+        """The newest event of any kind this callback delivered."""
+        return self._delivery.last_event
 
     def last_event(self, kind: ArtifactKind) -> ArtifactSavedEvent | None:
-        """The newest saved event of ``kind``."""
-        return self._last.get(check_kind(kind))
+        """The newest delivered saved event of ``kind``."""
+        return self._delivery.last.get(check_kind(kind))
 
     def _last_artifact(self, kind: str) -> Any:
-        event = self._last.get(kind)
+        event = self._delivery.last.get(kind)
         return None if event is None else event.artifact
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every save and removal so far is persisted and announced.
+
+        ``trainer.fit`` does this before it returns; call it yourself after
+        :meth:`save_artifact` outside a fit, which also ends the background
+        thread (the next save starts it again). A progress bar appears on
+        stderr if it takes more than a second.
+
+        Args:
+            timeout: seconds to wait at most; ``None`` waits until done.
+
+        Returns:
+            ``True`` once everything is delivered, ``False`` on timeout.
+
+        Raises:
+            PersistError: if a persister failed in the background; the message
+                names the plugin and the staged file, which is kept.
+        """
+        done = self._worker.flush(timeout)
+        if done and self._fit_status is None:
+            self._worker.stop()
+        return done
 
     # -- Lightning hooks -------------------------------------------------------
 
@@ -186,6 +260,11 @@ class Checkpoint(ModelCheckpoint):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str
     ) -> None:
         super().setup(trainer, pl_module, stage)
+        if trainer.is_global_zero:
+            # The run is prepared on this thread: let the worker finish the
+            # config SaveConfigCallback queued, so that only one thread talks
+            # to the backend at a time.
+            self.flush()
         self.resolve_prefix(trainer)
         if stage == "fit" and trainer.is_global_zero:
             started = self._fit_started(trainer, pl_module)
@@ -197,35 +276,51 @@ class Checkpoint(ModelCheckpoint):
                 self._bus.link_backend_runs(self._run_uid, self._backend_runs)
 
     @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        if trainer.is_global_zero:
+            self.flush()  # a background failure fails the fit here, loudly
+
+    @override
     def on_exception(
         self,
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
         exception: BaseException,
     ) -> None:
-        interrupted = isinstance(exception, KeyboardInterrupt)
-        self._fit_status = "interrupted" if interrupted else "failed"
+        # Lightning calls no teardown hook after an exception: end here.
+        if self._fit_status is not None:
+            interrupted = isinstance(exception, KeyboardInterrupt)
+            self._fit_status = "interrupted" if interrupted else "failed"
+        try:
+            super().on_exception(trainer, pl_module, exception)
+        finally:
+            if trainer.is_global_zero:
+                self._end_fit(failing=True)
 
     @override
     def teardown(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str
     ) -> None:
         super().teardown(trainer, pl_module, stage)
-        if self._fit_status is None or not trainer.is_global_zero:
+        if not trainer.is_global_zero:
             return
-        self._publish_hparams(trainer)
-        event = FitEndedEvent(
-            callback_id=self.state_key, run_uid=self._run_uid, status=self._fit_status
-        )
-        self._fit_status = None
-        self._bus.broadcast("lamin_lightning_fit_ended", event)
+        if self._fit_status is not None:
+            self._publish_hparams(trainer)
+        self._end_fit(failing=False)
 
     @override
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        path = Path(os.path.abspath(filepath))  # no system call, unlike resolve()
+        if trainer.is_global_zero:
+            # Before super(): a file Lightning saves again under the same name
+            # (last.ckpt) may still be staged; unlink it so the new bytes go
+            # to a new file and the staged ones stay as they were.
+            self._stager.detach(path)
         super()._save_checkpoint(trainer, filepath)
         if not trainer.is_global_zero:
             return
-        self.save_artifact(trainer, filepath, "checkpoint")
+        self.save_artifact(trainer, path, "checkpoint")
         self._publish_hparams(trainer)
 
     @override
@@ -233,26 +328,16 @@ class Checkpoint(ModelCheckpoint):
         super()._remove_checkpoint(trainer, filepath)
         if not trainer.is_global_zero:
             return
-        saved = self._saved.pop(str(Path(filepath).resolve()), None)
-        if saved is None:
-            return  # not ours: a file of another run, or never persisted
-        removed = ArtifactRemovedEvent(
-            **saved.model_dump(
-                include={"callback_id", "run_uid", "kind", "key", "local_path"}
-            ),
-            storage_uri=saved.storage_uri,
-            artifact=saved.artifact,
-            artifact_uid=saved.artifact_uid,
-            epoch=saved.epoch,
-            global_step=saved.global_step,
-            ranking=self._ranking.remove(saved.key),
+        path = Path(os.path.abspath(filepath))
+        key = self._staged_keys.pop(path, None)
+        if key is None:
+            return  # not ours: a file of another run
+        ranking = self._ranking.remove(key)
+        self._worker.submit(
+            lambda: functools.partial(self._delivery.remove, path, ranking)
         )
-        self._bus.delete(removed)
-        self._last_event = removed
-        log.info("Removed evicted checkpoint %s", removed.key)
-        self._bus.broadcast("lamin_lightning_artifact_removed", removed)
 
-    # -- publishing ------------------------------------------------------------
+    # -- publishing: training thread ------------------------------------------
 
     def resolve_prefix(self, trainer: pl.Trainer) -> str:
         """Derive the base key prefix once per fit, identically on every rank.
@@ -262,7 +347,7 @@ class Checkpoint(ModelCheckpoint):
         uid = self._bus.run_uid() if trainer.is_global_zero else None
         prefix = _keys.base_prefix(
             dirpath=self._user_dirpath,
-            logger=_logger_layout(trainer),
+            logger=_trainer.logger_layout(trainer),
             run_uid=uid,
             run_uid_is_version=self.run_uid_is_version,
         )
@@ -277,91 +362,97 @@ class Checkpoint(ModelCheckpoint):
             return _keys.config_key(base, Path(local_path).name)
         if kind == "hparams":
             return _keys.hparams_key(base)
-        return _keys.checkpoint_key(base, self._relative_to_dirpath(local_path))
+        relative = _trainer.relative_to_dirpath(local_path, self.dirpath)
+        return _keys.checkpoint_key(base, relative)
 
     def save_artifact(
         self, trainer: pl.Trainer, local_path: str | Path, kind: ArtifactKind
-    ) -> ArtifactSavedEvent:
+    ) -> Future[ArtifactSavedEvent]:
         """Persist a file and announce it; rank zero only.
+
+        Key, score, ranking and feature values are taken now. The file is
+        persisted and announced on the background thread, after everything
+        submitted before it (with ``asynchronous=False``: before this
+        returns).
+
+        Returns:
+            A future of the saved event; already done if synchronous.
 
         Raises:
             ValueError: for an unknown ``kind``.
-            PersistError: if the persister failed (the file stays on disk).
+            PersistError: if the persister failed: for this file if
+                synchronous, else for an earlier file whose failure was not
+                raised yet (the staged file stays on disk either way).
         """
-        path = Path(local_path).resolve()
+        path = Path(os.path.abspath(local_path))
+        return self._worker.submit(lambda: self._stage_save(trainer, path, kind))
+
+    def _stage_save(
+        self, trainer: pl.Trainer, path: Path, kind: ArtifactKind
+    ) -> Callable[[], ArtifactSavedEvent]:
         key = self.key_for(kind, path)
         is_checkpoint = kind == "checkpoint"
-        score = _as_float(self.current_score) if is_checkpoint else None
+        staged = self._stager.stage(path, link=is_checkpoint)
+        score = _trainer.score(self.current_score) if is_checkpoint else None
         ranking = self._ranking.add(key, score) if is_checkpoint else {}
         standing = self._ranking.standing(key) if is_checkpoint else None
         features = self._artifact_features(trainer) if is_checkpoint else {}
-        try:
-            persisted = self._bus.persist(
-                PersistRequest(
-                    kind=kind,
-                    key=key,
-                    local_path=path,
-                    run_uid=self._run_uid,
-                    description=_DESCRIPTIONS[kind],
-                    is_run_input=kind == "config",
-                    is_run_output=is_checkpoint,
-                    callback_id=self.state_key,
-                    features=features,
-                    auto_features=self._auto_features(score, standing),
-                    ranking={k: v for k, v in ranking.items() if k != key},
-                )
-            )
-        except Exception:
-            if is_checkpoint:
-                self._ranking.remove(key)
-            raise
-        event = ArtifactSavedEvent(
-            callback_id=self.state_key,
-            run_uid=self._run_uid,
+        if is_checkpoint:
+            self._staged_keys[path] = key
+        request = PersistRequest(
             kind=kind,
             key=key,
-            local_path=path,
-            storage_uri=persisted.storage_uri,
-            artifact=persisted.artifact,
-            artifact_uid=persisted.artifact_uid,
-            epoch=trainer.current_epoch,
-            global_step=trainer.global_step,
-            ranking=ranking,
-            monitor=self.monitor if is_checkpoint else None,
-            score=score,
-            is_best=standing is not None and standing.is_best_model,
-            mode=self.mode if is_checkpoint else None,  # type: ignore[arg-type]
-            save_weights_only=self.save_weights_only if is_checkpoint else None,
+            local_path=staged,
+            run_uid=self._run_uid,
+            description=DESCRIPTIONS[kind],
+            is_run_input=kind == "config",
+            is_run_output=is_checkpoint,
+            callback_id=self.state_key,
             features=features,
+            auto_features=self._auto_features(score, standing),
+            ranking={k: v for k, v in ranking.items() if k != key},
         )
-        if is_checkpoint:
-            self._saved[str(path)] = event
-        self._last[kind] = event
-        self._last_event = event
-        log.info("Persisted %s %s at %s", kind, key, event.storage_uri)
-        self._bus.broadcast("lamin_lightning_artifact_saved", event)
-        return event
+        fields = {
+            "epoch": trainer.current_epoch,
+            "global_step": trainer.global_step,
+            "ranking": ranking,
+            "monitor": self.monitor if is_checkpoint else None,
+            "score": score,
+            "is_best": standing is not None and standing.is_best_model,
+            "mode": self.mode if is_checkpoint else None,
+            "save_weights_only": self.save_weights_only if is_checkpoint else None,
+        }
+        return functools.partial(
+            self._delivery.save, PendingSave(request, path, fields)
+        )
 
     def _publish_hparams(self, trainer: pl.Trainer) -> None:
         # Loggers write hparams.yaml at the start of fit and may rewrite it;
         # publish it whenever its size or mtime changed since we last did.
-        path = _hparams_file(trainer)
-        if path is None or not path.is_file():
-            return
-        stat = path.stat()
-        stamp = (stat.st_mtime_ns, stat.st_size)
-        if stamp != self._hparams_stamp:
-            self._hparams_stamp = stamp
-            self.save_artifact(trainer, path, "hparams")
+        found = _trainer.hparams_file(trainer)
+        if found is not None and found[1] != self._hparams_stamp:
+            self._hparams_stamp = found[1]
+            self.save_artifact(trainer, found[0], "hparams")
 
-    def _relative_to_dirpath(self, local_path: str | Path) -> str:
-        path = Path(local_path).resolve()
-        if self.dirpath is not None:
-            try:
-                return path.relative_to(Path(self.dirpath).resolve()).as_posix()
-            except ValueError:
-                pass
-        return path.name
+    def _end_fit(self, *, failing: bool) -> None:
+        try:
+            self.flush()
+        except Exception as error:
+            if not failing:
+                raise  # on_exception follows and ends the fit
+            log.error("While the fit was failing: %s", error, exc_info=error)
+        self._worker.stop()
+        self._stager.cleanup()
+        if self._fit_status is not None:
+            event = FitEndedEvent(
+                callback_id=self.state_key,
+                run_uid=self._run_uid,
+                status=self._fit_status,
+            )
+            self._fit_status = None
+            self._bus.broadcast("lamin_lightning_fit_ended", event)
+
+    # -- helpers -----------------------------------------------------------------
 
     def _artifact_features(self, trainer: pl.Trainer) -> dict[str, FeatureValue]:
         values = self.features.get("artifact", {})
@@ -383,7 +474,7 @@ class Checkpoint(ModelCheckpoint):
     def _fit_started(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> FitStartedEvent:
-        layout = _logger_layout(trainer)
+        layout = _trainer.logger_layout(trainer)
         config = _annotations.trainer_config(trainer, layout, self.monitor, self.mode)
         return FitStartedEvent(
             callback_id=self.state_key,
@@ -399,31 +490,3 @@ class Checkpoint(ModelCheckpoint):
             trainer_config=config,
             hyperparameters=_annotations.hyperparameters(pl_module, trainer),
         )
-
-
-def _logger_layout(trainer: pl.Trainer) -> _keys.LoggerLayout | None:
-    if not trainer.loggers:
-        return None
-    logger = trainer.loggers[0]
-    save_dir = logger.save_dir if logger.save_dir is not None else None
-    return _keys.LoggerLayout(
-        save_dir=save_dir or trainer.default_root_dir,
-        name=logger.name,
-        version=logger.version,
-    )
-
-
-def _hparams_file(trainer: pl.Trainer) -> Path | None:
-    for logger in trainer.loggers:
-        log_dir = getattr(logger, "log_dir", None)
-        if isinstance(log_dir, str):
-            return Path(log_dir) / _keys.HPARAMS_FILENAME
-    return None
-
-
-def _as_float(value: Any) -> float | None:
-    if value is None:
-        return None
-    number = float(value)
-    # Lightning replaces a NaN score with +-inf to compare it; neither is a score.
-    return number if math.isfinite(number) else None

@@ -1,0 +1,158 @@
+"""Staging: keep the bytes of a saved file until the worker has persisted them.
+
+Lightning deletes an evicted top-k checkpoint right after it saved a better
+one, and rewrites ``last.ckpt`` under the same name; either may happen while
+the background worker has not read the file yet. Before handing a file to the
+worker, the training thread gives it a second name in a staging folder next
+to it, ``<folder>/.lamin-lightning-staging/<unique prefix>-<name>``:
+
+* checkpoints get a hard link: O(1) whatever their size, no second copy of the
+  bytes. Lightning replaces files by renaming a new file over the old name,
+  which leaves the link's bytes alone; for writers that truncate in place,
+  :meth:`Stager.detach` drops the old name before Lightning writes again.
+  Where the filesystem refuses hard links, the file is copied instead;
+* ``hparams.yaml`` and the LightningCLI config are small and rewritten in place
+  by loggers, so they are always copied.
+
+A sharded checkpoint (a directory) is staged as a tree of links.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+STAGING_DIRNAME = ".lamin-lightning-staging"
+"""Folder created next to a staged file; removed once empty."""
+
+
+class Stager:
+    """Stage files on the training thread, release them on the worker.
+
+    Args:
+        enabled: stage at all; when false (synchronous mode: nothing can
+            delete the file before it is persisted) :meth:`stage` returns the
+            path itself and :meth:`release` does nothing.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._token = secrets.token_hex(6)
+        self._count = 0
+        self._roots: set[Path] = set()
+        self._latest: dict[Path, Path] = {}
+        self._copy_warned: set[Path] = set()
+
+    def stage(self, path: Path, *, link: bool) -> Path:
+        """Give ``path`` a second name that no one else deletes or rewrites.
+
+        Costs one system call per file in the common case (a hard link): on
+        the training thread every call may wait for the worker to release
+        the GIL.
+
+        Args:
+            path: an absolute path to a file or a directory.
+            link: hard-link files (fall back to a copy) instead of copying.
+
+        Returns:
+            The staged path, in the staging folder next to ``path``; its name
+            ends with ``path.name``.
+
+        Raises:
+            FileNotFoundError: if ``path`` does not exist (any writer that
+                returns before the file is complete is not supported).
+        """
+        if not self.enabled:
+            return path
+        root = path.parent / STAGING_DIRNAME
+        if root not in self._roots:
+            root.mkdir(exist_ok=True)
+            self._roots.add(root)
+        self._count += 1
+        target = root / f"{self._token}-{self._count}-{path.name}"
+        try:
+            if link:
+                os.link(path, target)
+            else:
+                shutil.copy2(path, target)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(
+                f"Cannot stage {path} for persisting: it does not exist right "
+                "after Lightning saved it. Checkpoint IO plugins that write in "
+                "the background (AsyncCheckpointIO) are not supported: use "
+                "Lightning's default checkpoint IO."
+            ) from error
+        except OSError as error:
+            if path.is_dir():  # a sharded checkpoint: stage its tree
+                copy = self._link_or_copy if link else shutil.copy2
+                shutil.copytree(path, target, symlinks=True, copy_function=copy)
+            elif link:
+                self._copy_instead(path, target, error)
+            else:
+                raise
+        self._latest[path] = target
+        return target
+
+    def detach(self, path: Path) -> None:
+        """Drop ``path`` if it is a pending staged link, before it is rewritten.
+
+        A writer that truncates the file in place (``open(path, "wb")``) would
+        otherwise change the staged bytes too. Removing the name first makes
+        any writer create a new file. Training thread only.
+        """
+        staged = self._latest.pop(path, None)
+        if staged is None:
+            return
+        try:
+            same = os.path.samefile(path, staged)
+        except FileNotFoundError:
+            return  # already persisted and released, or path is gone
+        if same and path.is_file():
+            path.unlink()
+
+    def release(self, staged: Path, original: Path) -> None:
+        """Remove a staged file or tree once it is persisted."""
+        if staged == original:
+            return
+        if staged.is_dir():
+            shutil.rmtree(staged, ignore_errors=True)
+        else:
+            staged.unlink(missing_ok=True)
+
+    def cleanup(self) -> None:
+        """Remove staging folders left empty; training thread, worker idle."""
+        for root in self._roots:
+            try:
+                root.rmdir()
+            except OSError:
+                # Not empty: a failed save kept its staged file (the error
+                # said where), or another callback stages in the same folder.
+                log.debug("Staging folder %s is not empty; kept", root)
+        self._roots.clear()
+        self._latest.clear()
+
+    def _link_or_copy(self, source: str | Path, target: str | Path) -> None:
+        try:
+            os.link(source, target)
+        except FileNotFoundError:
+            raise
+        except OSError as error:
+            self._copy_instead(Path(source), Path(target), error)
+
+    def _copy_instead(self, source: Path, target: Path, error: OSError) -> None:
+        # No hard links here (FAT, some network filesystems): a copy still
+        # protects the bytes, at the cost of reading them once more.
+        if source.parent not in self._copy_warned:
+            self._copy_warned.add(source.parent)
+            log.warning(
+                "Cannot hard-link checkpoints in %s (%s); staging copies them "
+                "instead, which blocks training for the time of a copy.",
+                source.parent,
+                error,
+            )
+        shutil.copy2(source, target)
