@@ -26,6 +26,7 @@ from lamin_lightning_core._events import (
     ArtifactRemovedEvent,
     ArtifactSavedEvent,
     BackendRunLink,
+    CheckpointQuery,
     FitEndedEvent,
     FitStartedEvent,
     FitStatus,
@@ -443,6 +444,8 @@ class Checkpoint(ModelCheckpoint):
             log.error("While the fit was failing: %s", error, exc_info=error)
         self._worker.stop()
         self._stager.cleanup()
+        if self._fit_status is not None and not failing:
+            self._log_summary()
         if self._fit_status is not None:
             event = FitEndedEvent(
                 callback_id=self.state_key,
@@ -451,6 +454,25 @@ class Checkpoint(ModelCheckpoint):
             )
             self._fit_status = None
             self._bus.broadcast("lamin_lightning_fit_ended", event)
+
+    def _log_summary(self) -> None:
+        # One INFO record per fit: what `lamin-lightning ls` would print for
+        # this callback's checkpoints, as the persister now holds them.
+        if self._base_prefix is None or not log.isEnabledFor(logging.INFO):
+            return
+        query = CheckpointQuery(key_prefix=self.checkpoint_key_prefix)
+        try:
+            records = self._bus.manager.hook.lamin_lightning_find_checkpoints(
+                query=query
+            )
+        except Exception as error:
+            # A summary is a courtesy: the checkpoints are persisted already.
+            log.warning("Cannot list the persisted checkpoints: %r", error)
+            return
+        if records:
+            from lamin_lightning_core._table import render_text
+
+            log.info("Persisted checkpoints:\n%s", render_text(records))
 
     # -- helpers -----------------------------------------------------------------
 

@@ -9,7 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from lamin_lightning_core._events import CheckpointQuery, CheckpointRecord
+from lamin_lightning_core._events import CheckpointQuery
+from lamin_lightning_core._table import checkpoint_table
 
 app = typer.Typer(
     help="Keep PyTorch Lightning checkpoints traceable.", no_args_is_help=True
@@ -77,33 +78,6 @@ def list_checkpoints(
 
         plot_scores(records, plot)
         Console().print(f"Wrote {plot}")
-
-
-def checkpoint_table(records: list[CheckpointRecord]) -> Table:
-    """A readable table of checkpoint records."""
-    table = Table(title=f"{len(records)} checkpoint(s)")
-    for column in ("key", "epoch/step", "score", "rank", "flags", "size", "URI"):
-        table.add_column(column, overflow="fold")
-    for r in records:
-        flags = " ".join(
-            name
-            for name, on in (("best", r.is_best_model), ("last", r.is_last_model))
-            if on
-        )
-        table.add_row(
-            r.key,
-            f"{_dash(r.epoch)}/{_dash(r.global_step)}",
-            "-" if r.score is None else f"{r.score:.4g}",
-            _dash(r.model_rank),
-            flags,
-            "-" if r.size is None else f"{r.size / 1e6:.2f} MB",
-            r.storage_uri,
-        )
-    return table
-
-
-def _dash(value: object) -> str:
-    return "-" if value is None else str(value)
 
 
 def main() -> None:

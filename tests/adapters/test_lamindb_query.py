@@ -144,3 +144,25 @@ def test_console_ls_prints_the_table_and_writes_the_plot(
     missing = CliRunner().invoke(app, ["ls", "--run", "nope"])
     assert missing.exit_code == 1
     assert "No checkpoints in run nope" in missing.output
+
+
+def test_the_fit_logs_the_table_of_its_checkpoints_once(
+    ln: ModuleType,
+    auto_features: None,
+    tracked_run: Any,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    checkpoint = ll.Checkpoint(
+        monitor="score", save_top_k=2, every_n_train_steps=1, disable_plugins=REGISTRARS
+    )
+    with caplog.at_level("INFO", logger="lamin_lightning_core"):
+        fit([checkpoint], tmp_path, steps=4, scores=[3, 1, 4, 2])
+
+    summaries = [r for r in caplog.records if "Persisted checkpoints" in r.message]
+    assert len(summaries) == 1
+    text = summaries[0].getMessage()
+    assert "2 checkpoint(s)" in text
+    assert "epoch=0-step=2.ckpt" in text and "epoch=0-step=4.ckpt" in text
+    assert "step=1.ckpt" not in text  # evicted before the fit ended
+    assert "best" in text and "last" in text
