@@ -80,3 +80,17 @@ def test_integration_page_documents_every_environment_variable(plugin: str) -> N
     page = (DOCS / ADAPTER_PAGES[plugin]).read_text()
     missing = [variable for variable in variables if f"`{variable}`" not in page]
     assert not missing, f"document {missing} in docs/{ADAPTER_PAGES[plugin]}"
+
+
+def test_the_console_page_documents_every_command() -> None:
+    import typer.main
+
+    from lamin_lightning_core._console import app
+
+    page = (DOCS / "console.md").read_text()
+    group = typer.main.get_command(app)
+    commands = sorted(group.commands)  # type: ignore[attr-defined]
+    assert commands, "the console app has no commands"
+    for name in commands:
+        assert f"## `lamin-lightning {name}`" in page, f"{name} is not documented"
+        assert f"| `lamin-lightning {name}` |" in page, f"{name} is not in the table"
