@@ -38,3 +38,12 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check lamin_lightning_core lamin_lightning_adapters tests examples
 	$(BIN)/ruff format --check lamin_lightning_core lamin_lightning_adapters tests examples
+
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+serve-docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
+benchmark: $(STAMP)
+	$(BIN)/python benchmarks/bench_checkpoint.py
