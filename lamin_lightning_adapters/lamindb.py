@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lamin_lightning_adapters._lamindb_storage import link_into_storage
 from lamin_lightning_core._errors import LaminLightningError, PluginUnavailable
 from lamin_lightning_core._events import PersistedArtifact
 from lamin_lightning_core.hookspecs import hookimpl
@@ -205,14 +206,22 @@ def lamin_lightning_persist_artifact(request: PersistRequest) -> PersistedArtifa
     ln = _lamindb()
     run = _tracked_run(ln, request.run_uid)
     previous = ln.Artifact.filter(key=request.key, is_latest=True).first()
-    artifact = ln.Artifact(
-        request.local_path,
-        key=request.key,
-        description=request.description,
-        kind=_KINDS[request.kind],
-        run=run if request.is_run_output and run is not None else False,
-        skip_hash_lookup=True,
-    ).save()
+    linked = None
+    if request.kind == "checkpoint":
+        linked = link_into_storage(ln, request.local_path)
+    try:
+        artifact = ln.Artifact(
+            linked or request.local_path,
+            key=request.key,
+            description=request.description,
+            kind=_KINDS[request.kind],
+            run=run if request.is_run_output and run is not None else False,
+            skip_hash_lookup=True,
+        ).save()
+    except BaseException:
+        if linked is not None:
+            linked.unlink(missing_ok=True)  # the error itself is raised
+        raise
     if request.is_run_input and run is not None:
         run.input_artifacts.add(artifact)
     if previous is not None and run is not None and previous.run_id == run.id:

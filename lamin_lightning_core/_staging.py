@@ -23,6 +23,7 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,6 @@ class Stager:
         self._token = secrets.token_hex(6)
         self._count = 0
         self._roots: set[Path] = set()
-        self._latest: dict[Path, Path] = {}
         self._copy_warned: set[Path] = set()
 
     def stage(self, path: Path, *, link: bool) -> Path:
@@ -95,24 +95,23 @@ class Stager:
                 self._copy_instead(path, target, error)
             else:
                 raise
-        self._latest[path] = target
         return target
 
     def detach(self, path: Path) -> None:
-        """Drop ``path`` if it is a pending staged link, before it is rewritten.
+        """Drop the name ``path`` before it is rewritten, if it has others.
 
-        A writer that truncates the file in place (``open(path, "wb")``) would
-        otherwise change the staged bytes too. Removing the name first makes
-        any writer create a new file. Training thread only.
+        A file with more than one name shares its bytes with a staged link
+        or with a persisted artifact (a persister may link it into its
+        storage). A writer that truncates the file in place
+        (``open(path, "wb")``) would change those bytes too; removing this
+        name first makes any writer create a new file. One ``stat`` per
+        save; works with staging disabled too. Training thread only.
         """
-        staged = self._latest.pop(path, None)
-        if staged is None:
-            return
         try:
-            same = os.path.samefile(path, staged)
+            info = os.stat(path)
         except FileNotFoundError:
-            return  # already persisted and released, or path is gone
-        if same and path.is_file():
+            return
+        if stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
             path.unlink()
 
     def release(self, staged: Path, original: Path) -> None:
@@ -134,7 +133,6 @@ class Stager:
                 # said where), or another callback stages in the same folder.
                 log.debug("Staging folder %s is not empty; kept", root)
         self._roots.clear()
-        self._latest.clear()
 
     def _link_or_copy(self, source: str | Path, target: str | Path) -> None:
         try:

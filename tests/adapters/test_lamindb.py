@@ -10,6 +10,7 @@ import pytest
 from lightning.pytorch.loggers import TensorBoardLogger
 
 import lamin_lightning_core as ll
+from lamin_lightning_adapters._lamindb_storage import LINK_DIRNAME
 from tests.helpers import fit
 
 REGISTRARS = ["wandb", "mlflow", "clearml"]
@@ -120,3 +121,81 @@ def test_without_instance_the_plugin_says_how_to_configure(
     monkeypatch.setattr(type(lamindb_setup.settings), "is_configured", False)
     with pytest.raises(ll.LaminLightningError, match="lamin init --storage"):
         plugin.lamin_lightning_run_uid()
+
+
+def test_a_checkpoint_is_linked_into_storage_not_copied(
+    ln: ModuleType, tracked_run: Any, tmp_path: Path
+) -> None:
+    checkpoint = ll.Checkpoint(
+        save_top_k=-1, every_n_train_steps=1, disable_plugins=REGISTRARS
+    )
+    fit([checkpoint], tmp_path, steps=2)
+
+    for event in (checkpoint.last_event("checkpoint"),):
+        assert event is not None
+        stored = event.artifact.path
+        assert stored.parent.name == LINK_DIRNAME
+        assert stored.samefile(event.local_path)  # one inode, no second copy
+        assert event.artifact.key == event.key  # the key stays ours
+        assert event.storage_uri == stored.as_uri()
+
+
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
+def test_a_linked_checkpoint_keeps_its_bytes_when_the_file_is_rewritten(
+    ln: ModuleType, tracked_run: Any, new_run: Any, tmp_path: Path
+) -> None:
+    from tests.core.test_async import InPlaceIO
+
+    def fit_once(steps: int) -> Any:
+        checkpoint = ll.Checkpoint(
+            filename="fixed",
+            enable_version_counter=False,
+            run_uid_is_version=False,
+            disable_plugins=REGISTRARS,
+        )
+        fit([checkpoint], tmp_path, steps=steps, plugins=[InPlaceIO()])
+        return checkpoint.last_checkpoint_artifact
+
+    first = fit_once(steps=2)
+    first_bytes = first.path.read_bytes()
+    new_run()
+    second = fit_once(steps=3)  # truncates and rewrites the same file name
+
+    local = Path(tmp_path, "checkpoints", "fixed.ckpt").read_bytes()
+    assert second.path.read_bytes() == local != first_bytes
+    assert first.path.read_bytes() == first_bytes
+
+
+def test_without_a_shared_filesystem_lamindb_copies(
+    ln: ModuleType,
+    tracked_run: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import errno
+    import os
+
+    from lamin_lightning_adapters import _lamindb_storage
+
+    def cross_device(source: Any, target: Any) -> None:
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr(_lamindb_storage.os, "link", cross_device)
+    monkeypatch.setattr(_lamindb_storage, "_refused", set())
+    checkpoint = ll.Checkpoint(
+        save_top_k=-1,
+        every_n_train_steps=1,
+        asynchronous=False,
+        disable_plugins=REGISTRARS,
+    )
+    with caplog.at_level("INFO", logger=_lamindb_storage.__name__):
+        fit([checkpoint], tmp_path, steps=2)
+
+    event = checkpoint.last_event("checkpoint")
+    assert event is not None
+    assert event.artifact.path.parent.name == ".lamindb"
+    assert not event.artifact.path.samefile(event.local_path)
+    assert event.artifact.path.read_bytes() == event.local_path.read_bytes()
+    linking = [r for r in caplog.records if "Cannot hard-link" in r.message]
+    assert len(linking) == 1
