@@ -5,9 +5,10 @@ Use it as ``import lamin_lightning_core as ll``.
 
 from __future__ import annotations
 
+import typing as _typing
+
 from lamin_lightning_core._bus import DeliveryFailure
 from lamin_lightning_core._checkpoint import Checkpoint
-from lamin_lightning_core._cli import SaveConfigCallback
 from lamin_lightning_core._errors import (
     LaminLightningError,
     LaminLightningWarning,
@@ -41,6 +42,9 @@ from lamin_lightning_core._query import (
 )
 from lamin_lightning_core.hookspecs import hookimpl, hookspec
 
+if _typing.TYPE_CHECKING:
+    from lamin_lightning_core._cli import SaveConfigCallback
+
 __all__ = [
     "SCHEMA_VERSION",
     "ArtifactKind",
@@ -73,3 +77,13 @@ __all__ = [
     "last_checkpoint",
     "save_lightning_features",
 ]
+
+
+def __getattr__(name: str) -> _typing.Any:
+    # SaveConfigCallback extends Lightning's, whose module imports jsonargparse
+    # (about 25 ms): a script that never uses LightningCLI should not pay that.
+    if name == "SaveConfigCallback":
+        from lamin_lightning_core._cli import SaveConfigCallback
+
+        return SaveConfigCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -81,6 +81,14 @@ FeatureValue = StrictBool | StrictInt | float | str | None
 """A feature value as it travels on events: JSON scalars only."""
 
 
+# Models build their validators on first use instead of at import: importing
+# the core stays cheap next to `import lightning`, and a fit pays it once.
+_FROZEN = ConfigDict(frozen=True, extra="forbid", defer_build=True)
+_FROZEN_ANY = ConfigDict(
+    frozen=True, extra="forbid", arbitrary_types_allowed=True, defer_build=True
+)
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -88,7 +96,7 @@ def _now() -> datetime:
 class LifecycleEvent(BaseModel):
     """Fields shared by every event on the bus."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = _FROZEN
 
     schema_version: Literal[1] = SCHEMA_VERSION
     event_id: UUID = Field(default_factory=uuid4)
@@ -105,7 +113,7 @@ class LifecycleEvent(BaseModel):
 class CheckpointRank(BaseModel):
     """Where a checkpoint stands among the kept checkpoints of its callback."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = _FROZEN
 
     model_rank: int = Field(ge=0, description="0 is the best by score and mode.")
     is_best_model: bool
@@ -148,7 +156,7 @@ class BackendRunLink(BaseModel):
     records it on the tracked run, so each system points at the other.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = _FROZEN
 
     system: str = Field(description="Short name: 'wandb', 'mlflow', 'clearml'.")
     run_id: str
@@ -164,7 +172,7 @@ class FitEndedEvent(LifecycleEvent):
 
 
 class _ArtifactEvent(LifecycleEvent):
-    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+    model_config = _FROZEN_ANY
 
     kind: ArtifactKind
     key: ArtifactKey
@@ -222,7 +230,7 @@ class ArtifactRemovedEvent(_ArtifactEvent):
 class PersistRequest(BaseModel):
     """What the callback asks a persister to store."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = _FROZEN
 
     kind: ArtifactKind
     key: ArtifactKey
@@ -253,7 +261,7 @@ class PersistRequest(BaseModel):
 class PersistedArtifact(BaseModel):
     """What a persister returns for a stored file."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+    model_config = _FROZEN_ANY
 
     storage_uri: str
     artifact: object | None = Field(default=None, exclude=True, repr=False)
@@ -263,7 +271,7 @@ class PersistedArtifact(BaseModel):
 class CheckpointQuery(BaseModel):
     """Which persisted checkpoints to look up; unset fields don't filter."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = _FROZEN
 
     run_uid: str | None = Field(default=None, description="Checkpoints of this run.")
     key_prefix: str | None = Field(
@@ -295,7 +303,7 @@ class CheckpointQuery(BaseModel):
 class CheckpointRecord(BaseModel):
     """A persisted checkpoint, as a query returns it."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+    model_config = _FROZEN_ANY
 
     key: ArtifactKey
     artifact_uid: str | None = None
