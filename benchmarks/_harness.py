@@ -189,19 +189,30 @@ class TimedCheckpoint(ll.Checkpoint):
 
 
 class TinyRegressor(pl.LightningModule):
-    """A linear layer on random data; ``ballast`` inflates the checkpoint.
+    """A regressor on random data; ``ballast`` inflates the checkpoint.
 
     Args:
         ballast: a tensor kept as a persistent buffer (in every checkpoint,
             never trained), or ``None`` for a checkpoint of a few KB.
+        hidden: width of two hidden layers; 0 for one linear layer, whose
+            steps cost next to nothing, so that the fit is all overhead.
     """
 
-    def __init__(self, ballast: torch.Tensor | None = None) -> None:
+    def __init__(self, ballast: torch.Tensor | None = None, hidden: int = 0) -> None:
         super().__init__()
         # Same weights every fit: both callbacks see the same losses, hence
         # the same top-k decisions and the same number of saves.
         torch.manual_seed(0)
-        self.layer = torch.nn.Linear(FEATURES, 1)
+        if hidden:
+            self.layer: torch.nn.Module = torch.nn.Sequential(
+                torch.nn.Linear(FEATURES, hidden),
+                torch.nn.ReLU(),
+                torch.nn.Linear(hidden, hidden),
+                torch.nn.ReLU(),
+                torch.nn.Linear(hidden, 1),
+            )
+        else:
+            self.layer = torch.nn.Linear(FEATURES, 1)
         if ballast is not None:
             self.register_buffer("ballast", ballast)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import gc
 import json
 import logging
@@ -64,6 +65,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--steps-a", type=int, help="steps of (a) (default 100)")
     parser.add_argument("--steps-b", type=int, help="steps of (b) (default 300)")
+    parser.add_argument(
+        "--hidden",
+        type=int,
+        default=0,
+        help="hidden width of the model of (a) and (b); 0 (default) is one "
+        "linear layer, whose steps cost next to nothing",
+    )
     parser.add_argument("--kept", type=int, help="saves of the growth run (500)")
     parser.add_argument("--big-mb", type=int, help="checkpoint size of (c) (1024)")
     parser.add_argument("--import-repeats", type=int, help="import probes (5)")
@@ -428,8 +436,13 @@ def run_all(args: argparse.Namespace, root: Path) -> str:
     progress(f"temp dir {root}")
     ln, slug = create_instance(root)
     warm_up(root)
-    a = run_pair("a", root, args.steps_a, args.repeats, {**MONITOR, "save_top_k": 3})
-    b = run_pair("b", root, args.steps_b, args.repeats, {**MONITOR, "save_top_k": -1})
+    model = functools.partial(h.TinyRegressor, hidden=args.hidden)
+    a = run_pair(
+        "a", root, args.steps_a, args.repeats, {**MONITOR, "save_top_k": 3}, model
+    )
+    b = run_pair(
+        "b", root, args.steps_b, args.repeats, {**MONITOR, "save_top_k": -1}, model
+    )
     growth = growth_run(root, args.kept)
     bare = bare_saves(ln, growth.saved_files[0], args.bare_saves)
     c, baseline = big_checkpoint(args, root)
