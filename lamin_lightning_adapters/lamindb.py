@@ -159,10 +159,13 @@ def lamin_lightning_run_uid() -> str | None:
 
 
 def _tracked_run(ln: ModuleType, run_uid: str | None) -> Any:
-    run = ln.context.run
-    if run_uid is None or run is None or run.uid != run_uid:
+    if run_uid is None:
         return None
-    return run
+    run = ln.context.run
+    if run is not None and run.uid == run_uid:
+        return run
+    # A replay, in a later process: the file still belongs to its own run.
+    return ln.Run.filter(uid=run_uid).one_or_none()
 
 
 @hookimpl
@@ -257,6 +260,11 @@ def lamin_lightning_fetch_checkpoint(record: CheckpointRecord) -> str:
 def lamin_lightning_delete_artifact(event: ArtifactRemovedEvent) -> bool | None:
     ln = _lamindb()
     artifact = event.artifact
+    if artifact is None and event.artifact_uid is not None:
+        # A replayed removal carries no live record: find it by its UID.
+        artifact = ln.Artifact.filter(uid=event.artifact_uid).one_or_none()
+        if artifact is None:
+            return True  # deleted already: replaying twice changes nothing
     if not isinstance(artifact, ln.Artifact):
         return None
     artifact.delete(permanent=True, storage=True)

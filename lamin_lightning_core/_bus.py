@@ -6,7 +6,10 @@ Failure policy, in one place:
   :class:`PersistError` naming the plugin, its distribution and the file;
 * broadcast hooks (registrars, observers) are isolated: an exception is logged
   with the plugin's name and distribution, warned about once per plugin, and
-  kept as a :class:`DeliveryFailure`; the remaining plugins are still called.
+  kept as a :class:`DeliveryFailure` (and in the journal, for ``replay``); the
+  remaining plugins are still called;
+* transient errors (``OSError``: connections, time-outs, storage briefly
+  read-only) of either kind are retried with exponential backoff first.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, entry_points, version
@@ -60,6 +64,61 @@ class DeliveryFailure:
 
 
 @dataclass(frozen=True)
+class Retry:
+    """How often a transient error is retried, and how long to wait first.
+
+    Attributes:
+        attempts: calls in all, the first one included (1: no retry).
+        backoff: seconds before the second call; doubled before each next.
+    """
+
+    attempts: int = 3
+    backoff: float = 0.5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int):
+            raise ValueError(
+                f"Retry attempts must be a whole number, not {self.attempts!r}."
+            )
+        if self.attempts < 1 or self.backoff < 0:
+            raise ValueError(
+                f"Retry(attempts={self.attempts}, backoff={self.backoff}) is not "
+                "valid: attempts counts the first call (>= 1), backoff is "
+                "seconds (>= 0)."
+            )
+
+    def call(self, function: Any, *args: Any, **kwargs: Any) -> Any:
+        """Call ``function``, again after ``OSError`` while attempts remain."""
+        delay = self.backoff
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return function(*args, **kwargs)
+            except OSError as error:
+                if attempt == self.attempts:
+                    raise
+                log.warning(
+                    "%s failed (%r); retrying in %.2g s (attempt %d of %d)",
+                    getattr(function, "__qualname__", function),
+                    error,
+                    delay,
+                    attempt + 1,
+                    self.attempts,
+                )
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one broadcast did: results, and which plugins handled it."""
+
+    results: list[Any]
+    delivered: list[str]
+    failed: dict[str, BaseException]
+
+
+@dataclass(frozen=True)
 class PluginInfo:
     """What ``lamin-lightning plugins`` lists for one plugin."""
 
@@ -73,19 +132,37 @@ class PluginInfo:
 class PluginBus:
     """A pluggy manager for one callback, plus the failure policy."""
 
-    def __init__(self, manager: pluggy.PluginManager) -> None:
+    def __init__(
+        self, manager: pluggy.PluginManager, retry: Retry | None = None
+    ) -> None:
         self.manager = manager
+        self.retry = retry or Retry()
         self.failures: list[DeliveryFailure] = []
         self.distributions: dict[str, tuple[str, str]] = {}
         self.inactive: dict[str, str] = {}
+        self.tracked: set[str] = set()
         self._warned: set[str] = set()
 
-    def register(self, plugin: object, name: str | None = None) -> str:
+    def register(
+        self, plugin: object, name: str | None = None, *, tracked: bool = False
+    ) -> str:
         """Register a plugin object and validate its hooks.
+
+        Args:
+            plugin: an object or module with ``hookimpl`` functions.
+            name: its name; a tracked plugin without one is named after its
+                module or class, which another process can name again.
+            tracked: journal its deliveries, so ``replay`` can redo them.
 
         Raises:
             PluginLoadError: if a hook is unknown or has a wrong signature.
         """
+        if tracked and name is None:
+            name = _stable_name(plugin)
+            base, n = name, 1
+            while self.manager.has_plugin(name):
+                n += 1
+                name = f"{base}#{n}"
         try:
             registered = self.manager.register(plugin, name=name)
         except pluggy.PluginValidationError as error:
@@ -93,7 +170,15 @@ class PluginBus:
         if registered is None:
             raise PluginLoadError(f"Plugin {name!r} is blocked or already present.")
         self.check_pending()
+        if tracked:
+            self.tracked.add(registered)
         return registered
+
+    def tracked_for(self, hook_name: str) -> list[str]:
+        """Tracked plugins that implement ``hook_name``, in call order."""
+        hook = getattr(self.manager.hook, hook_name)
+        impls = reversed(hook.get_hookimpls())
+        return [i.plugin_name for i in impls if i.plugin_name in self.tracked]
 
     def check_pending(self) -> None:
         """Reject hook implementations that match no hook specification."""
@@ -124,7 +209,7 @@ class PluginBus:
         hook = self.manager.hook.lamin_lightning_persist_artifact
         for impl in reversed(hook.get_hookimpls()):
             try:
-                result = _call(impl, request=request)
+                result = self.retry.call(_call, impl, request=request)
             except Exception as error:
                 raise PersistError(
                     f"Persister {self._describe(impl.plugin_name)} failed to store "
@@ -141,7 +226,7 @@ class PluginBus:
         hook = self.manager.hook.lamin_lightning_delete_artifact
         for impl in reversed(hook.get_hookimpls()):
             try:
-                if _call(impl, event=event) is not None:
+                if self.retry.call(_call, impl, event=event) is not None:
                     return
             except Exception as error:
                 raise PersistError(
@@ -155,17 +240,35 @@ class PluginBus:
         Returns:
             The non-None results, in call order.
         """
+        return self.deliver(hook_name, event).results
+
+    def deliver(
+        self,
+        hook_name: str,
+        event: LifecycleEvent,
+        only: Iterable[str] | None = None,
+    ) -> Outcome:
+        """Broadcast to every plugin, or to those named in ``only``.
+
+        Each plugin's transient errors are retried; a plugin that still fails
+        is recorded (see the module docstring) and the others are called.
+        """
         hook = getattr(self.manager.hook, hook_name)
-        results = []
+        wanted = None if only is None else set(only)
+        outcome = Outcome([], [], {})
         for impl in reversed(hook.get_hookimpls()):
+            if wanted is not None and impl.plugin_name not in wanted:
+                continue
             try:
-                result = _call(impl, event=event)
+                result = self.retry.call(_call, impl, event=event)
             except Exception as error:
                 self._record_failure(impl.plugin_name, hook_name, event, error)
+                outcome.failed[impl.plugin_name] = error
             else:
+                outcome.delivered.append(impl.plugin_name)
                 if result is not None:
-                    results.append(result)
-        return results
+                    outcome.results.append(result)
+        return outcome
 
     def link_backend_runs(self, run_uid: str | None, links: list[Any]) -> None:
         """Hand registrars' runs to the persister (loud, like ``persist``)."""
@@ -240,6 +343,7 @@ def create_bus(
     plugins: Iterable[object] = (),
     disable: Iterable[str] = (),
     autoload: bool | None = None,
+    retry: Retry | None = None,
 ) -> PluginBus:
     """Build a bus: hook specs, the local persister, entry points, ``plugins``.
 
@@ -248,6 +352,7 @@ def create_bus(
         disable: plugin names to block (added to ``LAMIN_LIGHTNING_DISABLE_PLUGINS``).
         autoload: load entry-point plugins; defaults to true unless
             ``LAMIN_LIGHTNING_DISABLE_AUTOLOAD=1``.
+        retry: how transient plugin errors are retried.
 
     Raises:
         PluginLoadError: if any plugin fails to import or validate; every
@@ -255,7 +360,7 @@ def create_bus(
     """
     manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
     manager.add_hookspecs(hookspecs)
-    bus = PluginBus(manager)
+    bus = PluginBus(manager, retry)
     for name in {*disable, *disabled_from_env()}:
         manager.set_blocked(name)
     bus.register(_local, name=LOCAL_PERSISTER)
@@ -265,7 +370,7 @@ def create_bus(
     if autoload:
         _load_entry_points(bus)
     for plugin in plugins:
-        bus.register(plugin)
+        bus.register(plugin, tracked=True)
     return bus
 
 
@@ -304,7 +409,7 @@ def _load_entry_points(bus: PluginBus) -> None:
             )
             continue
         try:
-            bus.register(plugin, name=ep.name)
+            bus.register(plugin, name=ep.name, tracked=True)
         except PluginLoadError as error:
             problems.append(f"- {bus._describe(ep.name)}: {error}")
     if problems:
@@ -329,6 +434,16 @@ def _explain_invalid(error: pluggy.PluginValidationError) -> str:
         f"Invalid hook implementation in plugin {error.plugin!r}: {text}.{hint} "
         f"Known hooks: {', '.join(known)} (see lamin_lightning_core.hookspecs)."
     )
+
+
+def _stable_name(plugin: object) -> str:
+    # A name another process derives again for the same plugin, so that the
+    # journal can tell replay which plugins still owe an event.
+    module_name = getattr(plugin, "__name__", None)
+    if isinstance(module_name, str) and not isinstance(plugin, type):
+        return module_name
+    cls = plugin if isinstance(plugin, type) else type(plugin)
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _call(impl: pluggy.HookImpl, **kwargs: Any) -> Any:

@@ -20,8 +20,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
 from lamin_lightning_core import _annotations, _keys, _trainer
-from lamin_lightning_core._bus import DeliveryFailure, create_bus
+from lamin_lightning_core._bus import DeliveryFailure, Retry, create_bus
 from lamin_lightning_core._delivery import DESCRIPTIONS, Delivery, PendingSave
+from lamin_lightning_core._errors import PersistError
 from lamin_lightning_core._events import (
     ArtifactRemovedEvent,
     ArtifactSavedEvent,
@@ -33,6 +34,7 @@ from lamin_lightning_core._events import (
     PersistRequest,
     check_kind,
 )
+from lamin_lightning_core._journal import Journal, journal_dir
 from lamin_lightning_core._observers import ObserverPlugin, check_observer
 from lamin_lightning_core._ranking import Ranking
 from lamin_lightning_core._staging import Stager
@@ -74,9 +76,17 @@ class Checkpoint(ModelCheckpoint):
     Persister hooks, registrars, observers and the subclass hooks
     :meth:`on_artifact_saved` / :meth:`on_artifact_removed` run on that
     background thread (``lamin_lightning_fit_started`` and ``_fit_ended`` on
-    the training thread). A persister error there still fails the fit: it is
-    raised on the training thread at the next save or when training ends, and
-    the staged file stays on disk.
+    the training thread).
+
+    Nothing is lost when a backend fails. Every save and removal is written
+    to a journal beside ``dirpath`` (in ``.lamin-lightning-journal/``) before it is
+    delivered, and marked as persisted and as delivered to each installed
+    plugin. Transient errors (``OSError``) are retried with backoff. A
+    persister that still fails is logged as an error naming the plugin and
+    the file, which stays on disk; training goes on unless ``strict``. A
+    registrar or observer that fails never stops training or the other
+    plugins. ``lamin-lightning replay <dirpath>``, or the next fit with the
+    same ``dirpath`` (a resume), delivers what the journal misses.
 
     Args:
         *args: positional arguments of ``ModelCheckpoint``.
@@ -96,6 +106,10 @@ class Checkpoint(ModelCheckpoint):
             is persisted. A further save blocks training until one is done, so
             a slow backend slows training down instead of filling the disk
             with staged files.
+        strict: fail the fit when the persister fails (at the next save or
+            when training ends), instead of logging it and going on.
+        retry: how often transient plugin errors are retried (default: 3
+            calls, 0.5 s then 1 s apart).
         **kwargs: keyword arguments of ``ModelCheckpoint`` (``monitor``,
             ``mode``, ``save_top_k``, ``dirpath``, ``filename``, ...).
 
@@ -115,16 +129,21 @@ class Checkpoint(ModelCheckpoint):
         disable_plugins: Sequence[str] | None = None,
         asynchronous: bool = True,
         max_pending: int = 4,
+        strict: bool = False,
+        retry: Retry | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.features = _annotations.check_features(features)
         self.run_uid_is_version = run_uid_is_version
         self.asynchronous = asynchronous
+        self.strict = strict
         self._user_dirpath = kwargs.get("dirpath", args[0] if args else None)
         for observer in artifact_observers or ():
             check_observer(observer)
-        self._bus = create_bus(plugins=plugins or (), disable=disable_plugins or ())
+        self._bus = create_bus(
+            plugins=plugins or (), disable=disable_plugins or (), retry=retry
+        )
         for observer in artifact_observers or ():
             self._bus.register(ObserverPlugin(observer))
         self._bus.register(ObserverPlugin(self), name=f"{type(self).__name__}-hooks")
@@ -137,8 +156,10 @@ class Checkpoint(ModelCheckpoint):
         self._base_prefix: str | None = None
         self._run_uid: str | None = None
         self._fit_status: FitStatus | None = None
-        self._delivery = Delivery(self._bus, self._stager)
-        self._staged_keys: dict[Path, str] = {}
+        self._journal = Journal()
+        self._delivery = Delivery(self._bus, self._stager, self._journal)
+        self._persist_failures: list[PersistError] = []
+        self._staged_keys: dict[Path, tuple[str, int]] = {}
         self._hparams_stamp: tuple[int, int] | None = None
         self._ranking = Ranking(self.mode)  # type: ignore[arg-type]
         self._backend_runs: list[BackendRunLink] = []
@@ -168,6 +189,17 @@ class Checkpoint(ModelCheckpoint):
     def delivery_failures(self) -> list[DeliveryFailure]:
         """Broadcasts that a plugin or observer failed to handle."""
         return list(self._bus.failures)
+
+    @property
+    def persist_failures(self) -> list[PersistError]:
+        """Files the persister failed to store (``strict=False``); they are
+        still on disk and pending in the journal."""
+        return list(self._persist_failures)
+
+    @property
+    def journal_path(self) -> Path | None:
+        """The journal file of the current or last fit, on rank zero."""
+        return self._journal.path
 
     @property
     def backend_runs(self) -> list[BackendRunLink]:
@@ -268,6 +300,7 @@ class Checkpoint(ModelCheckpoint):
             self.flush()
         self.resolve_prefix(trainer)
         if stage == "fit" and trainer.is_global_zero:
+            self._open_journal()
             started = self._fit_started(trainer, pl_module)
             self._bus.prepare_run(started)
             self._fit_status = "finished"
@@ -330,12 +363,15 @@ class Checkpoint(ModelCheckpoint):
         if not trainer.is_global_zero:
             return
         path = Path(os.path.abspath(filepath))
-        key = self._staged_keys.pop(path, None)
-        if key is None:
+        staged = self._staged_keys.pop(path, None)
+        if staged is None:
             return  # not ours: a file of another run
+        key, save_seq = staged
         ranking = self._ranking.remove(key)
+        seq = self._journal.next_seq()
+        self._journal.write("remove", seq, save=save_seq, key=key)
         self._worker.submit(
-            lambda: functools.partial(self._delivery.remove, path, ranking)
+            lambda: functools.partial(self._delivery.remove, seq, path, ranking)
         )
 
     # -- publishing: training thread ------------------------------------------
@@ -368,7 +404,7 @@ class Checkpoint(ModelCheckpoint):
 
     def save_artifact(
         self, trainer: pl.Trainer, local_path: str | Path, kind: ArtifactKind
-    ) -> Future[ArtifactSavedEvent]:
+    ) -> Future[ArtifactSavedEvent | None]:
         """Persist a file and announce it; rank zero only.
 
         Key, score, ranking and feature values are taken now. The file is
@@ -377,20 +413,21 @@ class Checkpoint(ModelCheckpoint):
         returns).
 
         Returns:
-            A future of the saved event; already done if synchronous.
+            A future of the saved event; already done if synchronous. Its
+            result is ``None`` if the persister failed and ``strict`` is off.
 
         Raises:
             ValueError: for an unknown ``kind``.
-            PersistError: if the persister failed: for this file if
-                synchronous, else for an earlier file whose failure was not
-                raised yet (the staged file stays on disk either way).
+            PersistError: with ``strict``, if the persister failed: for this
+                file if synchronous, else for an earlier file whose failure
+                was not raised yet (the staged file stays on disk either way).
         """
         path = Path(os.path.abspath(local_path))
         return self._worker.submit(lambda: self._stage_save(trainer, path, kind))
 
     def _stage_save(
         self, trainer: pl.Trainer, path: Path, kind: ArtifactKind
-    ) -> Callable[[], ArtifactSavedEvent]:
+    ) -> Callable[[], ArtifactSavedEvent | None]:
         key = self.key_for(kind, path)
         is_checkpoint = kind == "checkpoint"
         staged = self._stager.stage(path, link=is_checkpoint)
@@ -398,8 +435,9 @@ class Checkpoint(ModelCheckpoint):
         ranking = self._ranking.add(key, score) if is_checkpoint else {}
         standing = self._ranking.standing(key) if is_checkpoint else None
         features = self._artifact_features(trainer) if is_checkpoint else {}
+        seq = self._journal.next_seq()
         if is_checkpoint:
-            self._staged_keys[path] = key
+            self._staged_keys[path] = (key, seq)
         request = PersistRequest(
             kind=kind,
             key=key,
@@ -423,9 +461,39 @@ class Checkpoint(ModelCheckpoint):
             "mode": self.mode if is_checkpoint else None,
             "save_weights_only": self.save_weights_only if is_checkpoint else None,
         }
-        return functools.partial(
-            self._delivery.save, PendingSave(request, path, fields)
-        )
+        pending = PendingSave(request, path, fields, seq)
+        self._journal.write("save", seq, **pending.to_record())
+        return functools.partial(self._deliver_save, pending)
+
+    def _deliver_save(self, pending: PendingSave) -> ArtifactSavedEvent | None:
+        try:
+            return self._delivery.save(pending)
+        except PersistError as error:
+            if self.strict:
+                raise
+            # Loud, and nothing lost: the file stays on disk and pending in
+            # the journal, for `lamin-lightning replay` or the next fit.
+            self._persist_failures.append(error)
+            log.error(
+                "%s Training goes on; the journal %s keeps it for "
+                "`lamin-lightning replay %s` (or pass strict=True to stop).",
+                error,
+                self._journal.path,
+                self.dirpath,
+            )
+            return None
+
+    def _open_journal(self) -> None:
+        # Deliver what earlier fits in this folder left pending (a crash, an
+        # outage, a plugin that failed), then start this fit's journal.
+        from lamin_lightning_core._replay import replay
+
+        directory = journal_dir(Path(self.dirpath or "."))
+        if directory.is_dir():
+            for report in replay(directory, self._bus):
+                if not report.ok:
+                    log.warning("Still pending in %s: %s", report.journal, report)
+        self._journal.open(directory, self._run_uid)
 
     def _publish_hparams(self, trainer: pl.Trainer) -> None:
         # Loggers write hparams.yaml at the start of fit and may rewrite it;
@@ -443,6 +511,7 @@ class Checkpoint(ModelCheckpoint):
                 raise  # on_exception follows and ends the fit
             log.error("While the fit was failing: %s", error, exc_info=error)
         self._worker.stop()
+        self._journal.close()
         self._stager.cleanup()
         if self._fit_status is not None and not failing:
             self._log_summary()

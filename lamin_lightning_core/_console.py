@@ -80,6 +80,60 @@ def list_checkpoints(
         Console().print(f"Wrote {plot}")
 
 
+@app.command()
+def replay(
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="A checkpoint folder, a folder above it, or a journal file."
+        ),
+    ],
+    disable: Annotated[
+        list[str] | None,
+        typer.Option("--disable", help="Plugin names to switch off, as in a fit."),
+    ] = None,
+) -> None:
+    """Deliver what the journals below PATH still miss: persist, then announce.
+
+    Exits with 1 if anything is still pending afterwards.
+    """
+    from lamin_lightning_core._bus import create_bus
+    from lamin_lightning_core._journal import find_journals
+    from lamin_lightning_core._replay import replay as replay_journals
+
+    if not path.exists():
+        raise typer.BadParameter(f"{path} does not exist.", param_hint="PATH")
+    if not find_journals(path):
+        Console(stderr=True).print(
+            f"No lamin-lightning journal below {path}: a fit writes one into "
+            ".lamin-lightning-journal/ beside the checkpoint folder."
+        )
+        raise typer.Exit(1)
+    reports = replay_journals(path, create_bus(disable=disable or ()))
+    if not reports:
+        Console().print(f"Nothing to replay below {path}: every event is delivered.")
+        return
+    table = Table(title="lamin-lightning replay")
+    for column in ("journal", "persisted", "deleted", "delivered", "still pending"):
+        table.add_column(column, overflow="fold")
+    for report in reports:
+        pending = [*report.failed, *report.lost]
+        pending += [
+            f"{plugin}: not installed here ({count})"
+            for plugin, count in report.unreachable.items()
+        ]
+        table.add_row(
+            str(report.journal),
+            str(report.persisted),
+            str(report.deleted),
+            str(report.delivered),
+            "\n".join(pending) or "-",
+        )
+    Console().print(table)
+    if not all(report.ok for report in reports):
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Entry point of the console script."""
     app()

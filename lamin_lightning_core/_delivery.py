@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lamin_lightning_core._errors import PersistError
-from lamin_lightning_core._events import ArtifactRemovedEvent, ArtifactSavedEvent
+from lamin_lightning_core._events import (
+    ArtifactRemovedEvent,
+    ArtifactSavedEvent,
+    CheckpointRank,
+    PersistRequest,
+)
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from lamin_lightning_core._bus import PluginBus
-    from lamin_lightning_core._events import CheckpointRank, PersistRequest
+    from lamin_lightning_core._events import LifecycleEvent, PersistedArtifact
+    from lamin_lightning_core._journal import Journal
     from lamin_lightning_core._staging import Stager
 
 log = logging.getLogger(__name__)
@@ -40,11 +45,59 @@ class PendingSave:
         original: the file Lightning wrote (the event's ``local_path``).
         fields: the event's fields taken at save time (epoch, step, score,
             ranking, ...).
+        seq: its number in the journal.
     """
 
     request: PersistRequest
     original: Path
     fields: dict[str, Any]
+    seq: int = 0
+
+    def to_record(self) -> dict[str, Any]:
+        """The journal's ``save`` record of this save (JSON types only)."""
+        ranking = {k: v.model_dump() for k, v in self.fields["ranking"].items()}
+        fields = {**self.fields, "ranking": ranking}
+        return {
+            "request": self.request.model_dump(mode="json"),
+            "original": str(self.original),
+            "fields": fields,
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> PendingSave:
+        """Rebuild a save from its journal record."""
+        fields = dict(record["fields"])
+        fields["ranking"] = {
+            k: CheckpointRank.model_validate(v) for k, v in fields["ranking"].items()
+        }
+        return cls(
+            PersistRequest.model_validate(record["request"]),
+            Path(record["original"]),
+            fields,
+            record["seq"],
+        )
+
+    def event(self, persisted: PersistedArtifact) -> ArtifactSavedEvent:
+        """The saved event of this file, as ``persisted`` stored it."""
+        request = self.request
+        local_path = self.original.resolve()
+        storage_uri = persisted.storage_uri
+        if storage_uri == request.local_path.resolve().as_uri():
+            # A persister that keeps files where they are (the built-in one)
+            # points at the staged name, which goes away: use Lightning's.
+            storage_uri = local_path.as_uri()
+        return ArtifactSavedEvent(
+            callback_id=request.callback_id,
+            run_uid=request.run_uid,
+            kind=request.kind,
+            key=request.key,
+            local_path=local_path,
+            storage_uri=storage_uri,
+            artifact=persisted.artifact,
+            artifact_uid=persisted.artifact_uid,
+            features=request.features,
+            **self.fields,
+        )
 
 
 class Delivery:
@@ -53,11 +106,13 @@ class Delivery:
     Args:
         bus: the callback's plugin bus.
         stager: releases a staged file once its event is broadcast.
+        journal: where each step is marked as done.
     """
 
-    def __init__(self, bus: PluginBus, stager: Stager) -> None:
+    def __init__(self, bus: PluginBus, stager: Stager, journal: Journal) -> None:
         self.bus = bus
         self.stager = stager
+        self.journal = journal
         self.last: dict[str, ArtifactSavedEvent] = {}
         self.last_event: ArtifactSavedEvent | ArtifactRemovedEvent | None = None
         self._saved: dict[Path, ArtifactSavedEvent] = {}
@@ -78,37 +133,21 @@ class Delivery:
                 f"{error} Lightning saved it as {original}; the staged file is "
                 "kept, since top-k eviction may have deleted that one already."
             ) from error
-        local_path = original.resolve()
-        storage_uri = persisted.storage_uri
-        if storage_uri == request.local_path.resolve().as_uri():
-            # A persister that keeps files where they are (the built-in one)
-            # points at the staged name, which goes away: use Lightning's.
-            storage_uri = local_path.as_uri()
-        event = ArtifactSavedEvent(
-            callback_id=request.callback_id,
-            run_uid=request.run_uid,
-            kind=request.kind,
-            key=request.key,
-            local_path=local_path,
-            storage_uri=storage_uri,
-            artifact=persisted.artifact,
-            artifact_uid=persisted.artifact_uid,
-            features=request.features,
-            **pending.fields,
-        )
+        event = pending.event(persisted)
         if event.kind == "checkpoint":
             self._saved[original] = event
         self.last[event.kind] = event
         self.last_event = event
-        log.info("Persisted %s %s at %s", event.kind, event.key, storage_uri)
-        self.bus.broadcast("lamin_lightning_artifact_saved", event)
+        log.info("Persisted %s %s at %s", event.kind, event.key, event.storage_uri)
+        announce(self.bus, self.journal, pending.seq, event, "persisted")
         self.stager.release(request.local_path, original)
         return event
 
-    def remove(self, path: Path, ranking: dict[str, CheckpointRank]) -> None:
+    def remove(self, seq: int, path: Path, ranking: dict[str, CheckpointRank]) -> None:
         """Mirror an eviction in the persister and broadcast it.
 
         Args:
+            seq: the removal's number in the journal.
             path: the evicted file, as Lightning wrote it.
             ranking: the other checkpoints whose standing changed with it.
 
@@ -118,18 +157,64 @@ class Delivery:
         saved = self._saved.pop(path, None)
         if saved is None:
             return  # its save failed, and that error was raised on its own
-        removed = ArtifactRemovedEvent(
-            **saved.model_dump(
-                include={"callback_id", "run_uid", "kind", "key", "local_path"}
-            ),
-            storage_uri=saved.storage_uri,
-            artifact=saved.artifact,
-            artifact_uid=saved.artifact_uid,
-            epoch=saved.epoch,
-            global_step=saved.global_step,
-            ranking=ranking,
-        )
+        removed = removed_event(saved, ranking)
         self.bus.delete(removed)
         self.last_event = removed
         log.info("Removed evicted checkpoint %s", removed.key)
-        self.bus.broadcast("lamin_lightning_artifact_removed", removed)
+        announce(self.bus, self.journal, seq, removed, "deleted")
+
+
+def removed_event(
+    saved: ArtifactSavedEvent, ranking: dict[str, CheckpointRank]
+) -> ArtifactRemovedEvent:
+    """The removed event of a checkpoint that ``saved`` announced."""
+    return ArtifactRemovedEvent(
+        **saved.model_dump(
+            include={"callback_id", "run_uid", "kind", "key", "local_path"}
+        ),
+        storage_uri=saved.storage_uri,
+        artifact=saved.artifact,
+        artifact_uid=saved.artifact_uid,
+        epoch=saved.epoch,
+        global_step=saved.global_step,
+        ranking=ranking,
+    )
+
+
+HOOKS = {
+    "artifact_saved": "lamin_lightning_artifact_saved",
+    "artifact_removed": "lamin_lightning_artifact_removed",
+}
+
+
+def announce(
+    bus: PluginBus,
+    journal: Journal,
+    seq: int,
+    event: LifecycleEvent,
+    done: str | None,
+    only: list[str] | None = None,
+) -> tuple[list[str], list[str]]:
+    """Broadcast an artifact event and mark in the journal who handled it.
+
+    Args:
+        done: the journal mark of the persister's part (``persisted`` or
+            ``deleted``) to write first, with the tracked plugins the event is
+            due to; ``None`` if the journal has it already.
+        only: the plugins to deliver to (a replay's missing ones); else all.
+
+    Returns:
+        The tracked plugins that handled the event, and those that failed.
+    """
+    hook = HOOKS[event.event_type]  # type: ignore[attr-defined]
+    if done is not None:
+        targets = bus.tracked_for(hook)
+        journal.write(done, seq, event=event.model_dump(mode="json"), targets=targets)
+    outcome = bus.deliver(hook, event, only)
+    delivered = [p for p in outcome.delivered if p in bus.tracked]
+    for plugin in delivered:
+        journal.write("delivered", seq, plugin=plugin)
+    failed = [p for p in outcome.failed if p in bus.tracked]
+    for plugin in failed:
+        journal.write("failed", seq, plugin=plugin, error=repr(outcome.failed[plugin]))
+    return delivered, failed

@@ -339,7 +339,7 @@ def test_max_pending_must_be_a_count() -> None:
 
 
 @pytest.mark.parametrize("fail_at", [2, 4], ids=["at-next-save", "at-flush"])
-def test_persister_failure_fails_the_fit_and_keeps_the_staged_file(
+def test_strict_persister_failure_fails_the_fit_and_keeps_the_staged_file(
     tmp_path: Path, fail_at: int
 ) -> None:
     log, persister = EventLog(), SlowPersister(delay=0.05, fail_at=fail_at)
@@ -349,6 +349,7 @@ def test_persister_failure_fails_the_fit_and_keeps_the_staged_file(
         every_n_train_steps=1,
         plugins=[log],
         disable_plugins=LOCAL_ONLY,
+        strict=True,
     )
     checkpoint.plugin_manager.register(persister, name="failing")
     trainer = trainer_for(checkpoint, tmp_path, max_steps=4)

@@ -1,0 +1,175 @@
+"""Replay: deliver what a journal says is still missing, once, in order.
+
+Used by ``lamin-lightning replay`` and by a fit that starts where an earlier
+one left journals with pending work (a crash, an outage, a failing plugin).
+A save that was never persisted is persisted from its staged file (or from
+Lightning's, if the staged one is gone); a persisted event is delivered to
+the tracked plugins that have not handled it. Removals follow their saves.
+Each step is marked in the same journal, so replaying twice does nothing the
+second time.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lamin_lightning_core import _journal
+from lamin_lightning_core._delivery import PendingSave, announce, removed_event
+from lamin_lightning_core._errors import PersistError
+from lamin_lightning_core._events import ArtifactSavedEvent
+
+if TYPE_CHECKING:
+    from lamin_lightning_core._bus import PluginBus
+    from lamin_lightning_core._events import LifecycleEvent
+    from lamin_lightning_core._journal import Entry, Journal
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReplayReport:
+    """What a replay of one journal did and could not do."""
+
+    journal: Path
+    persisted: int = 0
+    deleted: int = 0
+    delivered: int = 0
+    failed: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
+    unreachable: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def ok(self) -> bool:
+        """Whether nothing is left to do (that this process could do)."""
+        return not (self.failed or self.lost or self.unreachable)
+
+
+def replay(root: Path, bus: PluginBus) -> list[ReplayReport]:
+    """Replay every journal below ``root`` that has pending work.
+
+    Args:
+        root: a journal file, a checkpoint folder, or any folder above them.
+        bus: the plugins to deliver with (persister and registrars).
+
+    Returns:
+        One report per journal that had pending work.
+    """
+    reports = []
+    for path, _ in _journal.pending(_journal.find_journals(root)).items():
+        reports.append(replay_journal(path, bus))
+    return reports
+
+
+def replay_journal(path: Path, bus: PluginBus) -> ReplayReport:
+    """Deliver what one journal misses; append the marks to it."""
+    entries = _journal.read(path)
+    saves = {e.seq: e for e in entries if e.op == "save"}
+    report = ReplayReport(path)
+    journal = _journal.Journal.reopen(path)
+    try:
+        for entry in entries:
+            if entry.complete:
+                continue
+            if entry.op == "save":
+                _replay_save(entry, bus, journal, report)
+            else:
+                save = saves.get(entry.record["save"])
+                _replay_remove(entry, save, bus, journal, report)
+    finally:
+        journal.close()
+    log.info(
+        "Replayed %s: %d persisted, %d deleted, %d deliveries, %d failed, %d lost",
+        path,
+        report.persisted,
+        report.deleted,
+        report.delivered,
+        len(report.failed),
+        len(report.lost),
+    )
+    return report
+
+
+def _replay_save(
+    entry: Entry, bus: PluginBus, journal: Journal, report: ReplayReport
+) -> None:
+    pending = PendingSave.from_record(entry.record)
+    staged, original = pending.request.local_path, pending.original
+    if entry.done is None:
+        source = next((p for p in (staged, original) if p.exists()), None)
+        if source is None:
+            report.lost.append(
+                f"{pending.request.key}: neither {staged} nor {original} exists"
+            )
+            return
+        request = pending.request.model_copy(update={"local_path": source})
+        try:
+            persisted = bus.persist(request)
+        except PersistError as error:
+            report.failed.append(f"{pending.request.key}: {error}")
+            return
+        event = PendingSave(request, original, pending.fields, entry.seq).event(
+            persisted
+        )
+        report.persisted += 1
+        delivered, failed = announce(bus, journal, entry.seq, event, "persisted")
+    else:
+        event = ArtifactSavedEvent.model_validate(entry.done["event"])
+        delivered, failed = _deliver_missing(entry, event, bus, journal, report)
+    report.delivered += len(delivered)
+    report.failed.extend(f"{event.key}: plugin {p!r} failed" for p in failed)
+    if not failed and staged != original and staged.exists():
+        _unlink(staged)
+
+
+def _replay_remove(
+    entry: Entry,
+    save: Entry | None,
+    bus: PluginBus,
+    journal: Journal,
+    report: ReplayReport,
+) -> None:
+    if save is None or save.done is None:
+        return  # never persisted: nothing to delete or announce
+    saved = ArtifactSavedEvent.model_validate(save.done["event"])
+    if entry.done is None:
+        removed = removed_event(saved, {})
+        try:
+            bus.delete(removed)
+        except PersistError as error:
+            report.failed.append(f"{saved.key}: {error}")
+            return
+        report.deleted += 1
+        delivered, failed = announce(bus, journal, entry.seq, removed, "deleted")
+    else:
+        removed = removed_event(saved, {})
+        delivered, failed = _deliver_missing(entry, removed, bus, journal, report)
+    report.delivered += len(delivered)
+    report.failed.extend(f"{saved.key} (removal): plugin {p!r} failed" for p in failed)
+
+
+def _deliver_missing(
+    entry: Entry,
+    event: LifecycleEvent,
+    bus: PluginBus,
+    journal: Journal,
+    report: ReplayReport,
+) -> tuple[list[str], list[str]]:
+    here = [p for p in entry.missing if bus.manager.has_plugin(p)]
+    for plugin in entry.missing:
+        if plugin not in here:
+            report.unreachable[plugin] += 1
+    if not here:
+        return [], []
+    return announce(bus, journal, entry.seq, event, None, only=here)
+
+
+def _unlink(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
