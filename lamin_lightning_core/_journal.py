@@ -132,6 +132,8 @@ class Entry:
     delivered: set[str] = field(default_factory=set)
     failed: dict[str, str] = field(default_factory=dict)
     evicted: bool = False
+    void: bool = False
+    """A removal of a file that was never persisted: nothing to undo."""
 
     @property
     def missing(self) -> list[str]:
@@ -145,7 +147,7 @@ class Entry:
         if self.op == "save" and self.done is None:
             return self.evicted  # evicted before it was persisted: nothing due
         if self.op == "remove" and self.done is None:
-            return False
+            return self.void
         return not self.missing
 
 
@@ -175,6 +177,10 @@ def read(path: Path) -> list[Entry]:
             entry.failed[str(record.get("plugin"))] = str(record.get("error"))
         else:
             log.warning("%s:%d: unknown journal record %r; ignored", path, number, op)
+    for entry in entries.values():
+        if entry.op == "remove":
+            save = entries.get(entry.record.get("save"))  # type: ignore[arg-type]
+            entry.void = save is None or save.done is None
     return [entries[seq] for seq in sorted(entries)]
 
 

@@ -11,6 +11,7 @@ second time.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from collections import Counter
@@ -73,6 +74,8 @@ def replay_journal(path: Path, bus: PluginBus) -> ReplayReport:
     journal = _journal.Journal.reopen(path)
     try:
         for entry in entries:
+            if entry.op == "save" and entry.evicted and entry.done is None:
+                _release(PendingSave.from_record(entry.record))
             if entry.complete:
                 continue
             if entry.op == "save":
@@ -122,8 +125,8 @@ def _replay_save(
         delivered, failed = _deliver_missing(entry, event, bus, journal, report)
     report.delivered += len(delivered)
     report.failed.extend(f"{event.key}: plugin {p!r} failed" for p in failed)
-    if not failed and staged != original and staged.exists():
-        _unlink(staged)
+    if not failed:
+        _release(pending)
 
 
 def _replay_remove(
@@ -168,8 +171,14 @@ def _deliver_missing(
     return announce(bus, journal, entry.seq, event, None, only=here)
 
 
-def _unlink(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
+def _release(pending: PendingSave) -> None:
+    # The staged name of a file that needs it no more; its folder if empty.
+    staged = pending.request.local_path
+    if staged == pending.original or not staged.exists():
+        return
+    if staged.is_dir():
+        shutil.rmtree(staged, ignore_errors=True)
     else:
-        path.unlink(missing_ok=True)
+        staged.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty: other files still wait
+        staged.parent.rmdir()
