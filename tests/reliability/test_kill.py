@@ -1,0 +1,78 @@
+"""SIGKILL between writing a checkpoint and delivering it, then a resume."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+
+import lamin_lightning_core as ll
+from lamin_lightning_core._journal import find_journals, read
+from tests.helpers import QUIET, ScriptedModule, loader
+
+REPO = Path(__file__).parents[2]
+REGISTRARS = ["wandb", "mlflow", "clearml", "recorder"]
+
+
+def journaled_saves(root: Path) -> dict[str, bool]:
+    """Key of each checkpoint save in the journals, and whether it was evicted."""
+    saves = {}
+    for path in find_journals(root):
+        for entry in read(path):
+            if entry.op == "save" and entry.record["request"]["kind"] == "checkpoint":
+                saves[entry.record["request"]["key"]] = entry.evicted
+    return saves
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* is not empty")
+@pytest.mark.filterwarnings("ignore:.*resuming from a checkpoint that ended before")
+def test_a_killed_fit_resumes_with_nothing_lost_or_duplicated(
+    ln: ModuleType, tracked_run: Any, tmp_path: Path
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.reliability.killed_fit", str(tmp_path), "4"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    (killed_run,) = [
+        l.split()[1] for l in done.stdout.splitlines() if l.startswith("RUN ")
+    ]
+    before = journaled_saves(tmp_path)
+    assert len(before) == 4  # the 4th was journaled before the kill
+
+    resumed = ll.Checkpoint(
+        monitor="score",
+        save_top_k=2,
+        every_n_train_steps=1,
+        dirpath=tmp_path / "ckpts",
+        disable_plugins=REGISTRARS,
+    )
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=6,
+        callbacks=[resumed],
+        logger=False,
+        **QUIET,
+    )
+    last = max((tmp_path / "ckpts").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    trainer.fit(ScriptedModule([9, 8, 7, 6, 5, 4, 3, 2]), loader(), ckpt_path=last)
+
+    saves = journaled_saves(tmp_path)
+    keys = Counter(a.key for a in ln.Artifact.filter(key__in=list(saves), kind="model"))
+    assert all(count == 1 for count in keys.values()), keys  # 0 duplicated
+    kept = {key for key, evicted in saves.items() if not evicted}
+    assert set(keys) == kept  # 0 lost, and evictions mirrored
+    killed = ln.Artifact.filter(key=max(before), kind="model").one()
+    assert killed.run.uid == killed_run  # persisted into the run that wrote it
+    assert all(e.complete for path in find_journals(tmp_path) for e in read(path))
