@@ -45,11 +45,13 @@ def test_a_killed_fit_resumes_with_nothing_lost_or_duplicated(
         timeout=300,
     )
     assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
-    (killed_run,) = [
-        l.split()[1] for l in done.stdout.splitlines() if l.startswith("RUN ")
-    ]
+    lines = done.stdout.splitlines()
+    (killed_run,) = [line.split()[1] for line in lines if line.startswith("RUN ")]
     before = journaled_saves(tmp_path)
     assert len(before) == 4  # the 4th was journaled before the kill
+    (journal,) = find_journals(tmp_path)
+    undelivered = [e for e in read(journal) if e.op == "save" and e.done is None]
+    assert undelivered  # killed before the worker persisted it
 
     resumed = ll.Checkpoint(
         monitor="score",
