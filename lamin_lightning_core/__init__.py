@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typing as _typing
 
-from lamin_lightning_core._bus import DeliveryFailure
+from lamin_lightning_core._bus import DeliveryFailure, Retry
 from lamin_lightning_core._checkpoint import Checkpoint
 from lamin_lightning_core._errors import (
     LaminLightningError,
@@ -40,6 +40,7 @@ from lamin_lightning_core._query import (
     find_checkpoints,
     last_checkpoint,
 )
+from lamin_lightning_core._replay import ReplayReport, replay
 from lamin_lightning_core.hookspecs import hookimpl, hookspec
 
 if _typing.TYPE_CHECKING:
@@ -68,6 +69,8 @@ __all__ = [
     "PluginDeliveryWarning",
     "PluginLoadError",
     "PluginUnavailable",
+    "ReplayReport",
+    "Retry",
     "SaveConfigCallback",
     "best_checkpoint",
     "checkpoint_path",
@@ -75,6 +78,7 @@ __all__ = [
     "hookimpl",
     "hookspec",
     "last_checkpoint",
+    "replay",
     "save_lightning_features",
 ]
 

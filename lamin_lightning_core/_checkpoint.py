@@ -486,11 +486,11 @@ class Checkpoint(ModelCheckpoint):
     def _open_journal(self) -> None:
         # Deliver what earlier fits in this folder left pending (a crash, an
         # outage, a plugin that failed), then start this fit's journal.
-        from lamin_lightning_core._replay import replay
+        from lamin_lightning_core._replay import replay_with
 
         directory = journal_dir(Path(self.dirpath or "."))
         if directory.is_dir():
-            for report in replay(directory, self._bus):
+            for report in replay_with(directory, self._bus):
                 if not report.ok:
                     log.warning("Still pending in %s: %s", report.journal, report)
         self._journal.open(directory, self._run_uid)

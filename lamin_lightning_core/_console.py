@@ -97,7 +97,6 @@ def replay(
 
     Exits with 1 if anything is still pending afterwards.
     """
-    from lamin_lightning_core._bus import create_bus
     from lamin_lightning_core._journal import find_journals
     from lamin_lightning_core._replay import replay as replay_journals
 
@@ -109,7 +108,7 @@ def replay(
             ".lamin-lightning-journal/ beside the checkpoint folder."
         )
         raise typer.Exit(1)
-    reports = replay_journals(path, create_bus(disable=disable or ()))
+    reports = replay_journals(path, disable=disable or ())
     if not reports:
         Console().print(f"Nothing to replay below {path}: every event is delivered.")
         return

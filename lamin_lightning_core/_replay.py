@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from lamin_lightning_core._errors import PersistError
 from lamin_lightning_core._events import ArtifactSavedEvent
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from lamin_lightning_core._bus import PluginBus
     from lamin_lightning_core._events import LifecycleEvent
     from lamin_lightning_core._journal import Entry, Journal
@@ -50,18 +53,35 @@ class ReplayReport:
         return not (self.failed or self.lost or self.unreachable)
 
 
-def replay(root: Path, bus: PluginBus) -> list[ReplayReport]:
-    """Replay every journal below ``root`` that has pending work.
+def replay(
+    root: str | os.PathLike[str],
+    plugins: Sequence[object] = (),
+    disable: Sequence[str] = (),
+) -> list[ReplayReport]:
+    """Deliver what the journals below ``root`` still miss, once, in order.
+
+    What ``lamin-lightning replay`` does: saves that were never persisted
+    are persisted, and each persisted event goes to the installed plugins
+    (and ``plugins``) that have not handled it yet.
 
     Args:
         root: a journal file, a checkpoint folder, or any folder above them.
-        bus: the plugins to deliver with (persister and registrars).
+        plugins: plugin objects of the fit (``Checkpoint(plugins=...)``)
+            that owe deliveries too.
+        disable: installed plugins to leave out, by name.
 
     Returns:
-        One report per journal that had pending work.
+        One report per journal that had pending work; empty if none had.
     """
+    from lamin_lightning_core._bus import create_bus
+
+    return replay_with(Path(root), create_bus(plugins=plugins, disable=disable))
+
+
+def replay_with(root: Path, bus: PluginBus) -> list[ReplayReport]:
+    """:func:`replay` with a bus of the caller's (a fit's own, on resume)."""
     reports = []
-    for path, _ in _journal.pending(_journal.find_journals(root)).items():
+    for path in _journal.pending(_journal.find_journals(root)):
         reports.append(replay_journal(path, bus))
     return reports
 

@@ -17,10 +17,9 @@ import pytest
 from typer.testing import CliRunner
 
 import lamin_lightning_core as ll
-from lamin_lightning_core._bus import Retry, create_bus
+from lamin_lightning_core._bus import Retry
 from lamin_lightning_core._console import app
 from lamin_lightning_core._journal import Journal, find_journals, journal_dir, read
-from lamin_lightning_core._replay import replay
 from lamin_lightning_core._staging import STAGING_DIRNAME
 from tests.helpers import fit
 
@@ -220,8 +219,7 @@ def test_a_failing_persister_keeps_files_for_replay_unless_strict(
     assert kept == {"epoch=0-step=2.ckpt", "epoch=0-step=3.ckpt"}
 
     up = FlakyPersister(0, RuntimeError("unused"))
-    bus = create_bus(plugins=[up], disable=[*BACKENDS, "recorder"])
-    (report,) = replay(tmp_path, bus)
+    (report,) = ll.replay(tmp_path, plugins=[up], disable=[*BACKENDS, "recorder"])
 
     assert report.ok and report.persisted == 2
     assert sorted(up.stored) == [f"checkpoints/{name}" for name in sorted(kept)]
@@ -229,4 +227,4 @@ def test_a_failing_persister_keeps_files_for_replay_unless_strict(
         stored = up.stored[f"checkpoints/{name}"]
         assert stored == (Path(checkpoint.dirpath) / name).read_bytes()
     assert not (tmp_path / "checkpoints" / STAGING_DIRNAME).exists()
-    assert replay(tmp_path, bus) == []
+    assert ll.replay(tmp_path, plugins=[up], disable=[*BACKENDS, "recorder"]) == []
