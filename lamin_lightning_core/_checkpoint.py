@@ -359,7 +359,14 @@ class Checkpoint(ModelCheckpoint):
 
     @override
     def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        super()._remove_checkpoint(trainer, filepath)
+        writer = _trainer.background_writer(trainer)
+        if writer is None:
+            super()._remove_checkpoint(trainer, filepath)
+        else:
+            # AsyncCheckpointIO may not have written the file yet; removed
+            # now, it would come back once written. Remove it after the write.
+            removal = writer.submit(super()._remove_checkpoint, trainer, filepath)
+            removal.add_done_callback(_log_failed_removal)
         if not trainer.is_global_zero:
             return
         path = Path(os.path.abspath(filepath))
@@ -430,7 +437,15 @@ class Checkpoint(ModelCheckpoint):
     ) -> Callable[[], ArtifactSavedEvent | None]:
         key = self.key_for(kind, path)
         is_checkpoint = kind == "checkpoint"
-        staged = self._stager.stage(path, link=is_checkpoint)
+        writer = _trainer.background_writer(trainer) if is_checkpoint else None
+        written: Future[Path] | None = None
+        if writer is None:
+            staged = self._stager.stage(path, link=is_checkpoint)
+        else:
+            # AsyncCheckpointIO writes the file later, on its own thread:
+            # stage it there, right after the write, and persist after that.
+            staged = self._stager.reserve(path)
+            written = writer.submit(self._stager.link, path, staged, link=True)
         score = _trainer.score(self.current_score) if is_checkpoint else None
         ranking = self._ranking.add(key, score) if is_checkpoint else {}
         standing = self._ranking.standing(key) if is_checkpoint else None
@@ -463,9 +478,13 @@ class Checkpoint(ModelCheckpoint):
         }
         pending = PendingSave(request, path, fields, seq)
         self._journal.write("save", seq, **pending.to_record())
-        return functools.partial(self._deliver_save, pending)
+        return functools.partial(self._deliver_save, pending, written)
 
-    def _deliver_save(self, pending: PendingSave) -> ArtifactSavedEvent | None:
+    def _deliver_save(
+        self, pending: PendingSave, written: Future[Path] | None = None
+    ) -> ArtifactSavedEvent | None:
+        if written is not None:
+            written.result()  # the background write and its staging failed: raise
         try:
             return self._delivery.save(pending)
         except PersistError as error:
@@ -581,3 +600,9 @@ class Checkpoint(ModelCheckpoint):
             trainer_config=config,
             hyperparameters=_annotations.hyperparameters(pl_module, trainer),
         )
+
+
+def _log_failed_removal(removal: Future[None]) -> None:
+    error = removal.exception()
+    if error is not None:
+        log.error("Could not remove an evicted checkpoint: %r", error)

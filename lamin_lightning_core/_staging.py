@@ -64,17 +64,29 @@ class Stager:
             ends with ``path.name``.
 
         Raises:
-            FileNotFoundError: if ``path`` does not exist (any writer that
-                returns before the file is complete is not supported).
+            FileNotFoundError: if ``path`` does not exist (a writer that
+                returns before the file is complete, other than Lightning's
+                ``AsyncCheckpointIO``, is not supported).
         """
         if not self.enabled:
             return path
+        return self.link(path, self.reserve(path), link=link)
+
+    def reserve(self, path: Path) -> Path:
+        """The staged name :meth:`stage` would give ``path``, not made yet.
+
+        For a file that is still being written: call :meth:`link` with the
+        name once it is complete.
+        """
         root = path.parent / STAGING_DIRNAME
         if root not in self._roots:
-            root.mkdir(exist_ok=True)
+            root.mkdir(parents=True, exist_ok=True)  # a late writer: no folder yet
             self._roots.add(root)
         self._count += 1
-        target = root / f"{self._token}-{self._count}-{path.name}"
+        return root / f"{self._token}-{self._count}-{path.name}"
+
+    def link(self, path: Path, target: Path, *, link: bool) -> Path:
+        """Give ``path`` the reserved name ``target``; see :meth:`stage`."""
         try:
             if link:
                 os.link(path, target)
@@ -82,10 +94,10 @@ class Stager:
                 shutil.copy2(path, target)
         except FileNotFoundError as error:
             raise FileNotFoundError(
-                f"Cannot stage {path} for persisting: it does not exist right "
-                "after Lightning saved it. Checkpoint IO plugins that write in "
-                "the background (AsyncCheckpointIO) are not supported: use "
-                "Lightning's default checkpoint IO."
+                f"Cannot stage {path} for persisting: it does not exist after "
+                "Lightning saved it. A checkpoint IO plugin that writes in the "
+                "background must finish the file before its save returns, or "
+                "be Lightning's AsyncCheckpointIO, which the callback waits for."
             ) from error
         except OSError as error:
             if path.is_dir():  # a sharded checkpoint: stage its tree

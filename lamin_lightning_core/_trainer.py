@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 from lamin_lightning_core import _keys
 
 if TYPE_CHECKING:
+    from concurrent.futures import Executor
+
     import lightning.pytorch as pl
 
 
@@ -65,3 +67,20 @@ def score(value: Any) -> float | None:
     number = float(value)
     # Lightning replaces a NaN score with +-inf to compare it; neither is a score.
     return number if math.isfinite(number) else None
+
+
+def background_writer(trainer: pl.Trainer) -> Executor | None:
+    """The thread Lightning's ``AsyncCheckpointIO`` writes files on, if any.
+
+    ``AsyncCheckpointIO`` returns from a save before the file is written, on
+    a one-thread executor. Work submitted there after a save runs once that
+    file is complete, in order.
+    """
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO
+
+    io = getattr(trainer.strategy, "checkpoint_io", None)
+    if not isinstance(io, AsyncCheckpointIO):
+        return None
+    # Lightning keeps the executor private; it exists after the first save.
+    executor: Executor | None = getattr(io, "_executor", None)
+    return executor

@@ -18,7 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 
 import lamin_lightning_core as ll
 from lamin_lightning_core import _worker
@@ -148,6 +148,20 @@ class InPlaceIO(TorchCheckpointIO):
             torch.save(checkpoint, file)
 
 
+class SlowIO(TorchCheckpointIO):
+    """Takes ``delay`` seconds before it writes a file."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
+    ) -> None:
+        time.sleep(self.delay)
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+
 def trainer_for(callback: ll.Checkpoint, root: Path, **kwargs: Any) -> pl.Trainer:
     return pl.Trainer(
         default_root_dir=root, callbacks=[callback], logger=False, **QUIET, **kwargs
@@ -221,6 +235,33 @@ def test_staged_file_is_persisted_and_the_event_names_lightnings_file(
     assert lightnings_file(request.local_path) == event.local_path
     assert event.local_path == Path(checkpoint.dirpath, event.local_path.name)
     assert event.local_path.is_file()
+
+
+def test_async_checkpoint_io_files_are_persisted_once_complete(
+    tmp_path: Path,
+) -> None:
+    log, persister = EventLog(), SlowPersister(delay=0)
+    checkpoint = ll.Checkpoint(
+        monitor="score",
+        save_top_k=2,
+        every_n_train_steps=1,
+        plugins=[persister, log],
+        disable_plugins=LOCAL_ONLY,
+    )
+    io = AsyncCheckpointIO(SlowIO(delay=0.2))
+    trainer = trainer_for(checkpoint, tmp_path, max_steps=4, plugins=[io])
+    trainer.fit(ScriptedModule([4, 3, 2, 1]), loader())
+
+    assert [e.global_step for e in log.saved()] == [1, 2, 3, 4]
+    assert [e.global_step for e in log.removed()] == [1, 2]
+    kept = {p.name: digest(p) for p in Path(checkpoint.dirpath).glob("*.ckpt")}
+    persisted = dict(persister.persisted)
+    assert kept == {
+        key.rsplit("/", 1)[1]: persisted[key]
+        for key in persisted
+        if key.endswith(("step=3.ckpt", "step=4.ckpt"))
+    }
+    assert not list(tmp_path.rglob(STAGING_DIRNAME))
 
 
 def test_local_persister_uri_points_at_lightnings_file(tmp_path: Path) -> None:
