@@ -7,12 +7,15 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from lamin_lightning_core import _trainer
+from lamin_lightning_core._events import FitStartedEvent
 from lamin_lightning_core._keys import version_segment
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-    from lamin_lightning_core._events import FeatureValue
+    from lamin_lightning_core._checkpoint import Checkpoint
+    from lamin_lightning_core._events import CheckpointRank, FeatureValue
     from lamin_lightning_core._keys import LoggerLayout
 
 log = logging.getLogger(__name__)
@@ -150,3 +153,40 @@ def hyperparameters(
             if scalar is not None:
                 found[str(name)] = scalar
     return found
+
+
+def auto_features(
+    checkpoint: Checkpoint, score: float | None, standing: CheckpointRank | None
+) -> dict[str, FeatureValue]:
+    """Artifact-level auto-feature values of a checkpoint just saved."""
+    if standing is None:
+        return {}
+    return {
+        "score": score,
+        "monitor": checkpoint.monitor,
+        "mode": checkpoint.mode,
+        "save_weights_only": checkpoint.save_weights_only,
+        **standing.model_dump(),
+    }
+
+
+def fit_started(
+    checkpoint: Checkpoint, trainer: pl.Trainer, pl_module: pl.LightningModule
+) -> FitStartedEvent:
+    """The event that tells plugins a fit with ``checkpoint`` starts."""
+    layout = _trainer.logger_layout(trainer)
+    mode = checkpoint.mode
+    return FitStartedEvent(
+        callback_id=checkpoint.state_key,
+        run_uid=checkpoint.run_uid,
+        base_prefix=checkpoint.base_prefix,
+        checkpoint_key_prefix=checkpoint.checkpoint_key_prefix,
+        logger_name=layout.name if layout else None,
+        logger_version=version_segment(layout.version) if layout else None,
+        monitor=checkpoint.monitor,
+        mode=mode,  # type: ignore[arg-type]
+        run_features=checkpoint.features.get("run", {}),
+        artifact_features=checkpoint.features.get("artifact", {}),
+        trainer_config=trainer_config(trainer, layout, checkpoint.monitor, mode),
+        hyperparameters=hyperparameters(pl_module, trainer),
+    )

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
-from lamin_lightning_core import _annotations, _keys, _trainer
+from lamin_lightning_core import _annotations, _keys, _replay, _trainer
 from lamin_lightning_core._bus import DeliveryFailure, Retry, create_bus
 from lamin_lightning_core._delivery import DESCRIPTIONS, Delivery, PendingSave
 from lamin_lightning_core._errors import PersistError
@@ -29,7 +29,6 @@ from lamin_lightning_core._events import (
     BackendRunLink,
     CheckpointQuery,
     FitEndedEvent,
-    FitStartedEvent,
     FitStatus,
     PersistRequest,
     check_kind,
@@ -49,7 +48,6 @@ if TYPE_CHECKING:
 
     from lamin_lightning_core._events import (
         ArtifactKind,
-        CheckpointRank,
         FeatureValue,
     )
 
@@ -78,15 +76,11 @@ class Checkpoint(ModelCheckpoint):
     background thread (``lamin_lightning_fit_started`` and ``_fit_ended`` on
     the training thread).
 
-    Nothing is lost when a backend fails. Every save and removal is written
-    to a journal beside ``dirpath`` (in ``.lamin-lightning-journal/``) before it is
-    delivered, and marked as persisted and as delivered to each installed
-    plugin. Transient errors (``OSError``) are retried with backoff. A
-    persister that still fails is logged as an error naming the plugin and
-    the file, which stays on disk; training goes on unless ``strict``. A
-    registrar or observer that fails never stops training or the other
-    plugins. ``lamin-lightning replay <dirpath>``, or the next fit with the
-    same ``dirpath`` (a resume), delivers what the journal misses.
+    Nothing is lost when a backend fails: each save and removal is written to
+    a journal beside ``dirpath`` first, transient errors are retried, and a
+    failing plugin (or persister, unless ``strict``) never stops training.
+    ``lamin-lightning replay`` or the next fit in ``dirpath`` delivers what
+    the journal misses (see the reliability guide).
 
     Args:
         *args: positional arguments of ``ModelCheckpoint``.
@@ -158,7 +152,6 @@ class Checkpoint(ModelCheckpoint):
         self._fit_status: FitStatus | None = None
         self._journal = Journal()
         self._delivery = Delivery(self._bus, self._stager, self._journal)
-        self._persist_failures: list[PersistError] = []
         self._staged_keys: dict[Path, tuple[str, int]] = {}
         self._hparams_stamp: tuple[int, int] | None = None
         self._ranking = Ranking(self.mode)  # type: ignore[arg-type]
@@ -194,7 +187,7 @@ class Checkpoint(ModelCheckpoint):
     def persist_failures(self) -> list[PersistError]:
         """Files the persister failed to store (``strict=False``); they are
         still on disk and pending in the journal."""
-        return list(self._persist_failures)
+        return list(self._delivery.persist_failures)
 
     @property
     def journal_path(self) -> Path | None:
@@ -300,8 +293,10 @@ class Checkpoint(ModelCheckpoint):
             self.flush()
         self.resolve_prefix(trainer)
         if stage == "fit" and trainer.is_global_zero:
-            self._open_journal()
-            started = self._fit_started(trainer, pl_module)
+            directory = journal_dir(Path(self.dirpath or "."))
+            _replay.resume(directory, self._bus)
+            self._journal.open(directory, self._run_uid)
+            started = _annotations.fit_started(self, trainer, pl_module)
             self._bus.prepare_run(started)
             self._fit_status = "finished"
             results = self._bus.broadcast("lamin_lightning_fit_started", started)
@@ -366,7 +361,7 @@ class Checkpoint(ModelCheckpoint):
             # AsyncCheckpointIO may not have written the file yet; removed
             # now, it would come back once written. Remove it after the write.
             removal = writer.submit(super()._remove_checkpoint, trainer, filepath)
-            removal.add_done_callback(_log_failed_removal)
+            removal.add_done_callback(_trainer.log_failed_removal)
         if not trainer.is_global_zero:
             return
         path = Path(os.path.abspath(filepath))
@@ -438,14 +433,7 @@ class Checkpoint(ModelCheckpoint):
         key = self.key_for(kind, path)
         is_checkpoint = kind == "checkpoint"
         writer = _trainer.background_writer(trainer) if is_checkpoint else None
-        written: Future[Path] | None = None
-        if writer is None:
-            staged = self._stager.stage(path, link=is_checkpoint)
-        else:
-            # AsyncCheckpointIO writes the file later, on its own thread:
-            # stage it there, right after the write, and persist after that.
-            staged = self._stager.reserve(path)
-            written = writer.submit(self._stager.link, path, staged, link=True)
+        staged, written = self._stager.stage_after(path, writer, link=is_checkpoint)
         score = _trainer.score(self.current_score) if is_checkpoint else None
         ranking = self._ranking.add(key, score) if is_checkpoint else {}
         standing = self._ranking.standing(key) if is_checkpoint else None
@@ -463,7 +451,7 @@ class Checkpoint(ModelCheckpoint):
             is_run_output=is_checkpoint,
             callback_id=self.state_key,
             features=features,
-            auto_features=self._auto_features(score, standing),
+            auto_features=_annotations.auto_features(self, score, standing),
             ranking={k: v for k, v in ranking.items() if k != key},
         )
         fields = {
@@ -478,41 +466,7 @@ class Checkpoint(ModelCheckpoint):
         }
         pending = PendingSave(request, path, fields, seq)
         self._journal.write("save", seq, **pending.to_record())
-        return functools.partial(self._deliver_save, pending, written)
-
-    def _deliver_save(
-        self, pending: PendingSave, written: Future[Path] | None = None
-    ) -> ArtifactSavedEvent | None:
-        if written is not None:
-            written.result()  # the background write and its staging failed: raise
-        try:
-            return self._delivery.save(pending)
-        except PersistError as error:
-            if self.strict:
-                raise
-            # Loud, and nothing lost: the file stays on disk and pending in
-            # the journal, for `lamin-lightning replay` or the next fit.
-            self._persist_failures.append(error)
-            log.error(
-                "%s Training goes on; the journal %s keeps it for "
-                "`lamin-lightning replay %s` (or pass strict=True to stop).",
-                error,
-                self._journal.path,
-                self.dirpath,
-            )
-            return None
-
-    def _open_journal(self) -> None:
-        # Deliver what earlier fits in this folder left pending (a crash, an
-        # outage, a plugin that failed), then start this fit's journal.
-        from lamin_lightning_core._replay import replay_with
-
-        directory = journal_dir(Path(self.dirpath or "."))
-        if directory.is_dir():
-            for report in replay_with(directory, self._bus):
-                if not report.ok:
-                    log.warning("Still pending in %s: %s", report.journal, report)
-        self._journal.open(directory, self._run_uid)
+        return functools.partial(self._delivery.save, pending, written, self.strict)
 
     def _publish_hparams(self, trainer: pl.Trainer) -> None:
         # Loggers write hparams.yaml at the start of fit and may rewrite it;
@@ -533,7 +487,10 @@ class Checkpoint(ModelCheckpoint):
         self._journal.close()
         self._stager.cleanup()
         if self._fit_status is not None and not failing:
-            self._log_summary()
+            from lamin_lightning_core._table import log_summary  # imports rich
+
+            query = CheckpointQuery(key_prefix=self.checkpoint_key_prefix)
+            log_summary(self._bus.manager, query)
         if self._fit_status is not None:
             event = FitEndedEvent(
                 callback_id=self.state_key,
@@ -543,66 +500,8 @@ class Checkpoint(ModelCheckpoint):
             self._fit_status = None
             self._bus.broadcast("lamin_lightning_fit_ended", event)
 
-    def _log_summary(self) -> None:
-        # One INFO record per fit: what `lamin-lightning ls` would print for
-        # this callback's checkpoints, as the persister now holds them.
-        if self._base_prefix is None or not log.isEnabledFor(logging.INFO):
-            return
-        query = CheckpointQuery(key_prefix=self.checkpoint_key_prefix)
-        try:
-            records = self._bus.manager.hook.lamin_lightning_find_checkpoints(
-                query=query
-            )
-        except Exception as error:
-            # A summary is a courtesy: the checkpoints are persisted already.
-            log.warning("Cannot list the persisted checkpoints: %r", error)
-            return
-        if records:
-            from lamin_lightning_core._table import render_text
-
-            log.info("Persisted checkpoints:\n%s", render_text(records))
-
     # -- helpers -----------------------------------------------------------------
 
     def _artifact_features(self, trainer: pl.Trainer) -> dict[str, FeatureValue]:
         values = self.features.get("artifact", {})
         return _annotations.resolve_artifact_features(trainer, values)
-
-    def _auto_features(
-        self, score: float | None, standing: CheckpointRank | None
-    ) -> dict[str, FeatureValue]:
-        if standing is None:
-            return {}
-        return {
-            "score": score,
-            "monitor": self.monitor,
-            "mode": self.mode,
-            "save_weights_only": self.save_weights_only,
-            **standing.model_dump(),
-        }
-
-    def _fit_started(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule
-    ) -> FitStartedEvent:
-        layout = _trainer.logger_layout(trainer)
-        config = _annotations.trainer_config(trainer, layout, self.monitor, self.mode)
-        return FitStartedEvent(
-            callback_id=self.state_key,
-            run_uid=self._run_uid,
-            base_prefix=self.base_prefix,
-            checkpoint_key_prefix=self.checkpoint_key_prefix,
-            logger_name=layout.name if layout else None,
-            logger_version=_keys.version_segment(layout.version) if layout else None,
-            monitor=self.monitor,
-            mode=self.mode,  # type: ignore[arg-type]
-            run_features=self.features.get("run", {}),
-            artifact_features=self.features.get("artifact", {}),
-            trainer_config=config,
-            hyperparameters=_annotations.hyperparameters(pl_module, trainer),
-        )
-
-
-def _log_failed_removal(removal: Future[None]) -> None:
-    error = removal.exception()
-    if error is not None:
-        log.error("Could not remove an evicted checkpoint: %r", error)

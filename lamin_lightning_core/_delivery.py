@@ -21,6 +21,8 @@ from lamin_lightning_core._events import (
 )
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from lamin_lightning_core._bus import PluginBus
     from lamin_lightning_core._events import LifecycleEvent, PersistedArtifact
     from lamin_lightning_core._journal import Journal
@@ -115,14 +117,49 @@ class Delivery:
         self.journal = journal
         self.last: dict[str, ArtifactSavedEvent] = {}
         self.last_event: ArtifactSavedEvent | ArtifactRemovedEvent | None = None
+        self.persist_failures: list[PersistError] = []
         self._saved: dict[Path, ArtifactSavedEvent] = {}
 
-    def save(self, pending: PendingSave) -> ArtifactSavedEvent:
+    def save(
+        self,
+        pending: PendingSave,
+        written: Future[Path] | None = None,
+        strict: bool = True,
+    ) -> ArtifactSavedEvent | None:
         """Persist, record and broadcast one file; release its staged name.
 
+        Args:
+            pending: the save, as the training thread took it.
+            written: done once the file is complete and staged, for a file
+                written in the background (``AsyncCheckpointIO``).
+            strict: raise a persister failure instead of logging it.
+
+        Returns:
+            The event, or ``None`` if the persister failed and not ``strict``.
+
         Raises:
-            PersistError: if the persister failed; the staged file is kept.
+            PersistError: with ``strict``, if the persister failed; the
+                staged file is kept either way.
         """
+        if written is not None:
+            written.result()  # raises if the background write failed
+        try:
+            return self._save(pending)
+        except PersistError as error:
+            if strict:
+                raise
+            # Loud, and nothing lost: the file stays on disk and pending in
+            # the journal, for `lamin-lightning replay` or the next fit.
+            self.persist_failures.append(error)
+            log.error(
+                "%s Training goes on; the journal %s keeps it for "
+                "`lamin-lightning replay` (or pass strict=True to stop).",
+                error,
+                self.journal.path,
+            )
+            return None
+
+    def _save(self, pending: PendingSave) -> ArtifactSavedEvent:
         request, original = pending.request, pending.original
         try:
             persisted = self.bus.persist(request)

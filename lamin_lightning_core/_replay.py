@@ -86,6 +86,16 @@ def replay_with(root: Path, bus: PluginBus) -> list[ReplayReport]:
     return reports
 
 
+def resume(directory: Path, bus: PluginBus) -> None:
+    """Deliver what earlier fits left pending in a journal folder, with a
+    fit's own bus, before it starts a journal there; log what stays."""
+    if not directory.is_dir():
+        return
+    for report in replay_with(directory, bus):
+        if not report.ok:
+            log.warning("Still pending in %s: %s", report.journal, report)
+
+
 def replay_journal(path: Path, bus: PluginBus) -> ReplayReport:
     """Deliver what one journal misses; append the marks to it."""
     entries = _journal.read(path)

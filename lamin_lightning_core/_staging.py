@@ -25,6 +25,10 @@ import secrets
 import shutil
 import stat
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from concurrent.futures import Executor, Future
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +75,24 @@ class Stager:
         if not self.enabled:
             return path
         return self.link(path, self.reserve(path), link=link)
+
+    def stage_after(
+        self, path: Path, writer: Executor | None, *, link: bool
+    ) -> tuple[Path, Future[Path] | None]:
+        """:meth:`stage` now, or on ``writer`` once it has written ``path``.
+
+        Args:
+            writer: the one thread a checkpoint IO writes files on in the
+                background (Lightning's ``AsyncCheckpointIO``), or ``None``.
+
+        Returns:
+            The staged name, and a future that is done once the file is
+            staged (``None`` if it is staged already).
+        """
+        if writer is None:
+            return self.stage(path, link=link), None
+        staged = self.reserve(path)
+        return staged, writer.submit(self.link, path, staged, link=link)
 
     def reserve(self, path: Path) -> Path:
         """The staged name :meth:`stage` would give ``path``, not made yet.

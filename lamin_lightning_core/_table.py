@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import io
+import logging
 from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from lamin_lightning_core._events import CheckpointRecord
+    import pluggy
+
+    from lamin_lightning_core._events import CheckpointQuery, CheckpointRecord
+
+log = logging.getLogger(__name__)
 
 
 def checkpoint_table(records: list[CheckpointRecord]) -> Table:
@@ -50,3 +55,17 @@ def render_text(records: list[CheckpointRecord], width: int = 1000) -> str:
         checkpoint_table(records)
     )
     return buffer.getvalue().rstrip()
+
+
+def log_summary(manager: pluggy.PluginManager, query: CheckpointQuery) -> None:
+    """Log, once per fit, what ``lamin-lightning ls`` would print for ``query``."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    try:
+        records = manager.hook.lamin_lightning_find_checkpoints(query=query)
+    except Exception as error:
+        # A summary is a courtesy: the checkpoints are persisted already.
+        log.warning("Cannot list the persisted checkpoints: %r", error)
+        return
+    if records:
+        log.info("Persisted checkpoints:\n%s", render_text(records))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -9,8 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 from lamin_lightning_core import _keys
 
+log = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
-    from concurrent.futures import Executor
+    from concurrent.futures import Executor, Future
 
     import lightning.pytorch as pl
 
@@ -84,3 +87,10 @@ def background_writer(trainer: pl.Trainer) -> Executor | None:
     # Lightning keeps the executor private; it exists after the first save.
     executor: Executor | None = getattr(io, "_executor", None)
     return executor
+
+
+def log_failed_removal(removal: Future[None]) -> None:
+    """Log the error of a removal that ran on a background writer, if any."""
+    error = removal.exception()
+    if error is not None:
+        log.error("Could not remove an evicted checkpoint: %r", error)
