@@ -23,25 +23,30 @@ class SaveConfigCallback(_LightningSaveConfigCallback):
     ``LightningCLI(save_config_callback=SaveConfigCallback)``.
     """
 
+    _log_dir: str | None = None
+
     @override
     def setup(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str
     ) -> None:
         # Checkpoint callbacks run their own setup after this one; derive their
         # key prefixes now, on every rank, so save_config (rank zero only) can
-        # use them without a collective call.
+        # use them without a collective call. trainer.log_dir is collective
+        # too: read it here, on every rank, for save_config.
         if not self.already_saved:
             for callback in _publishing_callbacks(trainer):
                 callback.resolve_prefix(trainer)
+            self._log_dir = trainer.log_dir if self.save_to_log_dir else None
         super().setup(trainer, pl_module, stage)
 
     @override
     def save_config(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str
     ) -> None:
-        if not self.save_to_log_dir or trainer.log_dir is None:
+        # Rank zero only: never read trainer.log_dir here, it broadcasts.
+        if not self.save_to_log_dir or self._log_dir is None:
             return
-        config_path = os.path.join(trainer.log_dir, self.config_filename)
+        config_path = os.path.join(self._log_dir, self.config_filename)
         keys: set[str] = set()
         for callback in _publishing_callbacks(trainer):
             key = callback.key_for("config", config_path)
