@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
-from lamin_lightning_core import _annotations, _keys, _replay, _trainer
+from lamin_lightning_core import _annotations, _keys, _preflight, _replay, _trainer
 from lamin_lightning_core._bus import DeliveryFailure, Retry, create_bus
 from lamin_lightning_core._delivery import DESCRIPTIONS, Delivery, PendingSave
 from lamin_lightning_core._errors import PersistError
@@ -109,8 +109,11 @@ class Checkpoint(ModelCheckpoint):
 
     Raises:
         ValueError: if ``features`` has keys other than ``run``/``artifact``,
-            or ``max_pending`` is negative.
+            ``max_pending`` is negative, ``dirpath`` or ``filename`` is not
+            UTF-8, or ``filename`` makes names over 255 bytes.
         PluginLoadError: if an installed plugin fails to import or validate.
+        NotADirectoryError: in ``setup``, if a file stands where a folder of
+            ``dirpath`` should be; PermissionError if it is not writable.
     """
 
     def __init__(
@@ -133,6 +136,8 @@ class Checkpoint(ModelCheckpoint):
         self.asynchronous = asynchronous
         self.strict = strict
         self._user_dirpath = kwargs.get("dirpath", args[0] if args else None)
+        _preflight.check_text("dirpath", self._user_dirpath)
+        _preflight.check_filename(self)
         for observer in artifact_observers or ():
             check_observer(observer)
         self._bus = create_bus(
@@ -293,6 +298,7 @@ class Checkpoint(ModelCheckpoint):
             self.flush()
         self.resolve_prefix(trainer)
         if stage == "fit" and trainer.is_global_zero:
+            _preflight.check_dirpath(self.dirpath)
             directory = journal_dir(Path(self.dirpath or "."))
             _replay.resume(directory, self._bus)
             self._journal.open(directory, self._run_uid)
@@ -336,6 +342,7 @@ class Checkpoint(ModelCheckpoint):
             return
         if self._fit_status is not None:
             self._publish_hparams(trainer)
+            _preflight.warn_unlogged_monitor(self, trainer)
         self._end_fit(failing=False)
 
     @override

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import math
 import posixpath
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Final, Literal, get_args
+from urllib.parse import urlsplit, urlunsplit
 from uuid import UUID, uuid4
 
 from pydantic import (
@@ -64,7 +66,44 @@ def check_key(key: str) -> str:
         )
     if posixpath.normpath(key) != key:
         raise ValueError(f"Artifact key {key!r} is not normalised.")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"Artifact key {key!r} is not valid UTF-8.") from None
     return key
+
+
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
+_SECRET_PARAM = re.compile(r"sig|token|secret|password|credential", re.IGNORECASE)
+
+
+def redact_credentials(uri: str) -> str:
+    """Return ``uri`` with its credentials replaced by ``***``.
+
+    Credentials are the user and password of the authority
+    (``s3://key:secret@bucket/x`` becomes ``s3://***@bucket/x``) and the values
+    of query parameters that sign or authorise a URL (``X-Amz-Signature``,
+    ``sig``, ``token``, ...). A URI without either is returned unchanged.
+    """
+    try:
+        parts = urlsplit(uri)
+    except ValueError:  # unparseable (a bad IPv6 host): still drop the userinfo
+        return _USERINFO.sub(r"\1***@", uri)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    params = parts.query.split("&") if parts.query else []
+    query = "&".join(
+        f"{name}=***" if sep and _SECRET_PARAM.search(name) else f"{name}{sep}{value}"
+        for name, sep, value in (param.partition("=") for param in params)
+    )
+    if netloc == parts.netloc and query == parts.query:
+        return uri
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _redact_optional(uri: str | None) -> str | None:
+    return None if uri is None else redact_credentials(uri)
 
 
 def _finite_or_none(value: float | None) -> float | None:
@@ -77,6 +116,8 @@ def _finite_or_none(value: float | None) -> float | None:
 
 ArtifactKey = Annotated[str, AfterValidator(check_key)]
 Score = Annotated[float | None, AfterValidator(_finite_or_none)]
+StorageUri = Annotated[str, AfterValidator(redact_credentials)]
+"""A URI as events and records carry it: never with credentials in it."""
 FeatureValue = StrictBool | StrictInt | float | str | None
 """A feature value as it travels on events: JSON scalars only."""
 
@@ -160,7 +201,7 @@ class BackendRunLink(BaseModel):
 
     system: str = Field(description="Short name: 'wandb', 'mlflow', 'clearml'.")
     run_id: str
-    url: str | None = None
+    url: Annotated[str | None, AfterValidator(_redact_optional)] = None
     project: str | None = None
 
 
@@ -177,7 +218,7 @@ class _ArtifactEvent(LifecycleEvent):
     kind: ArtifactKind
     key: ArtifactKey
     local_path: Path = Field(description="The file Lightning wrote, on this host.")
-    storage_uri: str = Field(description="Where the persisted bytes live.")
+    storage_uri: StorageUri = Field(description="Where the persisted bytes live.")
     artifact: object | None = Field(
         default=None,
         exclude=True,
@@ -263,7 +304,7 @@ class PersistedArtifact(BaseModel):
 
     model_config = _FROZEN_ANY
 
-    storage_uri: str
+    storage_uri: StorageUri
     artifact: object | None = Field(default=None, exclude=True, repr=False)
     artifact_uid: str | None = None
 
@@ -308,7 +349,7 @@ class CheckpointRecord(BaseModel):
     key: ArtifactKey
     artifact_uid: str | None = None
     run_uid: str | None = None
-    storage_uri: str
+    storage_uri: StorageUri
     size: int | None = None
     created_at: datetime | None = None
     epoch: int | None = None
