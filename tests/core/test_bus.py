@@ -29,7 +29,9 @@ class Exploding:
 
 def test_failing_registrar_does_not_stop_the_others() -> None:
     first, last = Recorder(), Recorder()
-    bus = create_bus(plugins=[first, Exploding(), last], autoload=False)
+    bus = create_bus(
+        plugins=[first, Exploding(), last], autoload=False, retry=ll.Retry(1)
+    )
     event = saved()
     with pytest.warns(ll.PluginDeliveryWarning, match="backend down"):
         bus.broadcast("lamin_lightning_artifact_saved", event)
@@ -42,12 +44,53 @@ def test_failing_registrar_does_not_stop_the_others() -> None:
 
 
 def test_failing_plugin_is_warned_about_once() -> None:
-    bus = create_bus(plugins=[Exploding()], autoload=False)
+    bus = create_bus(plugins=[Exploding()], autoload=False, retry=ll.Retry(1))
     with pytest.warns(ll.PluginDeliveryWarning) as record:
         for _ in range(3):
             bus.broadcast("lamin_lightning_artifact_saved", saved())
     assert len(record) == 1
     assert len(bus.failures) == 3
+
+
+def test_a_transient_error_is_retried_with_growing_backoff(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class Flaky:
+        calls = 0
+
+        @ll.hookimpl
+        def lamin_lightning_artifact_saved(self, event: ll.ArtifactSavedEvent) -> None:
+            Flaky.calls += 1
+            if Flaky.calls < 3:
+                raise TimeoutError("registry timed out")
+
+    sleeps: list[float] = []
+    monkeypatch.setattr("lamin_lightning_core._bus.time.sleep", sleeps.append)
+    bus = create_bus(plugins=[Flaky()], autoload=False, retry=ll.Retry(3, 0.25))
+    outcome = bus.deliver("lamin_lightning_artifact_saved", saved())
+
+    assert Flaky.calls == 3
+    assert sleeps == [0.25, 0.5]
+    assert outcome.failed == {} and bus.failures == []
+    assert [name.rsplit(".", 1)[1] for name in outcome.delivered] == ["Flaky"]
+
+
+def test_a_bug_is_not_retried() -> None:
+    class Buggy:
+        @ll.hookimpl
+        def lamin_lightning_artifact_saved(self, event: ll.ArtifactSavedEvent) -> None:
+            raise KeyError("a bug, not an outage")
+
+    bus = create_bus(plugins=[Buggy()], autoload=False, retry=ll.Retry(3, 10.0))
+    with pytest.warns(ll.PluginDeliveryWarning):
+        bus.broadcast("lamin_lightning_artifact_saved", saved())
+    assert len(bus.failures) == 1
+
+
+@pytest.mark.parametrize("attempts, backoff", [(0, 0.5), (2, -1.0), (True, 0.5)])
+def test_retry_rejects_nonsense(attempts: int, backoff: float) -> None:
+    with pytest.raises(ValueError, match="Retry"):
+        ll.Retry(attempts, backoff)
 
 
 def test_failing_persister_is_loud_and_names_plugin_and_file(tmp_path: Path) -> None:
@@ -56,7 +99,7 @@ def test_failing_persister_is_loud_and_names_plugin_and_file(tmp_path: Path) -> 
         def lamin_lightning_persist_artifact(self, request: ll.PersistRequest) -> None:
             raise PermissionError("storage is read-only")
 
-    bus = create_bus(autoload=False)
+    bus = create_bus(autoload=False, retry=ll.Retry(1))
     bus.register(BrokenPersister(), name="broken-store")
     request = ll.PersistRequest(
         kind="checkpoint", key="c/x.ckpt", local_path=tmp_path / "x.ckpt"
