@@ -77,6 +77,7 @@ class Journal:
                 f"{error.strerror}. Make the checkpoint folder writable or "
                 "pick another dirpath.",
             ) from error
+        _try_lock(stream)  # a new file: no one else holds it
         with self._lock:
             self.close_locked()
             self.path, self._stream = path, stream
@@ -87,11 +88,19 @@ class Journal:
         return path
 
     @classmethod
-    def reopen(cls, path: Path) -> Journal:
-        """Append to an existing journal file (to mark what a replay did)."""
+    def reopen(cls, path: Path) -> Journal | None:
+        """Append to an existing journal file (to mark what a replay did).
+
+        Returns:
+            ``None`` if the file is in use: its fit is still running (in this
+            process or another), or another replay has it.
+        """
+        stream = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        if not _try_lock(stream):
+            stream.close()
+            return None
         journal = cls()
-        journal.path = path
-        journal._stream = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        journal.path, journal._stream = path, stream
         entries = read(path)
         journal._seq = max((e.seq for e in entries), default=0)
         return journal
@@ -119,6 +128,21 @@ class Journal:
         if self._stream is not None:
             self._stream.close()
             self._stream = None
+
+
+def _try_lock(stream: IO[str]) -> bool:
+    # An exclusive advisory lock for as long as the file is open: a running
+    # fit holds its journal, so that no replay (a second fit in the same
+    # folder, `lamin-lightning replay`) delivers its events behind its back.
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; replay a finished fit
+        return True
+    try:
+        fcntl.flock(stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 @dataclass

@@ -82,7 +82,9 @@ def replay_with(root: Path, bus: PluginBus) -> list[ReplayReport]:
     """:func:`replay` with a bus of the caller's (a fit's own, on resume)."""
     reports = []
     for path in _journal.pending(_journal.find_journals(root)):
-        reports.append(replay_journal(path, bus))
+        report = replay_journal(path, bus)
+        if report is not None:
+            reports.append(report)
     return reports
 
 
@@ -96,12 +98,20 @@ def resume(directory: Path, bus: PluginBus) -> None:
             log.warning("Still pending in %s: %s", report.journal, report)
 
 
-def replay_journal(path: Path, bus: PluginBus) -> ReplayReport:
-    """Deliver what one journal misses; append the marks to it."""
+def replay_journal(path: Path, bus: PluginBus) -> ReplayReport | None:
+    """Deliver what one journal misses; append the marks to it.
+
+    Returns:
+        What it did, or ``None`` if the journal is in use (its fit is still
+        running, or another replay has it): then nothing is done.
+    """
+    journal = _journal.Journal.reopen(path)
+    if journal is None:
+        log.info("Not replaying %s: its fit or another replay is using it", path)
+        return None
     entries = _journal.read(path)
     saves = {e.seq: e for e in entries if e.op == "save"}
     report = ReplayReport(path)
-    journal = _journal.Journal.reopen(path)
     try:
         for entry in entries:
             if entry.op == "save" and entry.evicted and entry.done is None:

@@ -228,3 +228,23 @@ def test_a_failing_persister_keeps_files_for_replay_unless_strict(
         assert stored == (Path(checkpoint.dirpath) / name).read_bytes()
     assert not (tmp_path / "checkpoints" / STAGING_DIRNAME).exists()
     assert ll.replay(tmp_path, plugins=[up], disable=[*BACKENDS, "recorder"]) == []
+
+
+def test_the_journal_of_a_running_fit_is_left_alone(
+    tmp_path: Path, recorder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found with two fits sharing a checkpoint folder: the second one's resume
+    # replayed the first one's live journal and persisted an evicted file.
+    checkpoint = broken_fit(tmp_path)
+    assert checkpoint.journal_path is not None
+    running = Journal.reopen(checkpoint.journal_path)  # as the fit held it
+    assert running is not None
+    monkeypatch.setenv("LL_RECORDER_FILE", str(recorder))
+
+    assert ll.replay(tmp_path, disable=BACKENDS) == []
+    assert recorded(recorder) == []
+    assert Journal.reopen(checkpoint.journal_path) is None
+
+    running.close()
+    (report,) = ll.replay(tmp_path, disable=BACKENDS)
+    assert report.ok and len(recorded(recorder)) == 6
