@@ -76,7 +76,11 @@ def list_checkpoints(
     if plot is not None:
         from lamin_lightning_core._plot import plot_scores
 
-        plot_scores(records, plot)
+        try:
+            plot_scores(records, plot)
+        except ValueError as error:  # nothing to plot: said, not a traceback
+            Console(stderr=True).print(f"No plot written: {error}")
+            raise typer.Exit(1) from error
         Console().print(f"Wrote {plot}")
 
 

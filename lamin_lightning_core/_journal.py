@@ -240,7 +240,7 @@ def journal_dir(checkpoint_dir: Path) -> Path:
 def find_journals(root: Path) -> list[Path]:
     """Journal files below ``root`` (a checkpoint folder or above), oldest first."""
     if root.is_file():
-        return [root]
+        return [root] if JOURNAL_DIRNAME in root.absolute().parts else []
     if JOURNAL_DIRNAME in root.absolute().parts:
         found = set(root.rglob("*.jsonl"))
     else:  # below root, and beside it if it is a checkpoint folder

@@ -92,9 +92,9 @@ class Worker:
 
         Raises:
             BaseException: the first error of an earlier job that was not
-                raised yet; in synchronous mode, the job's own error.
+                raised yet (after ``stage`` ran, without running its job); in
+                synchronous mode, the job's own error.
         """
-        self.raise_failure()
         if self.synchronous:
             job = _Job(stage())
             job.future.set_result(job.run())
@@ -102,6 +102,9 @@ class Worker:
         self._slots.acquire()
         try:
             job = _Job(stage())
+            # An earlier job's error is raised only now: what ``stage`` just
+            # prepared (a staged file, its journal line) stays for a replay.
+            self.raise_failure()
         except BaseException:
             self._slots.release()
             raise

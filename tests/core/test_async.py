@@ -22,6 +22,7 @@ from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 
 import lamin_lightning_core as ll
 from lamin_lightning_core import _worker
+from lamin_lightning_core._journal import read
 from lamin_lightning_core._staging import STAGING_DIRNAME, Stager
 from tests.helpers import QUIET, ScriptedModule, fit, loader
 
@@ -400,10 +401,58 @@ def test_strict_persister_failure_fails_the_fit_and_keeps_the_staged_file(
     failed = persister.requests[fail_at - 1]
     assert STAGING_DIRNAME in str(raised.value)
     assert str(failed.local_path) in str(raised.value)
-    assert staged_files(tmp_path) == [failed.local_path]
+    staged = staged_files(tmp_path)
+    assert failed.local_path in staged
+    # A save that raised the earlier failure was staged and journaled first
+    # (found by a new user: it used to be lost). Replay has all it needs.
+    assert checkpoint.journal_path is not None
+    journal = read(checkpoint.journal_path)
+    unpersisted = [e for e in journal if e.op == "save" and e.done is None]
+    assert {Path(e.record["request"]["local_path"]) for e in unpersisted} == set(staged)
     assert digest(failed.local_path) == dict(checkpoint.written)[failed.key]
     assert [e.status for e in log.ended] == ["failed"]
     assert worker_threads() == []
+
+
+class SlowSteps(pl.Callback):
+    """Gives the worker time to fail before the next save."""
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        time.sleep(0.3)
+
+
+def test_the_save_that_raises_an_earlier_failure_is_journaled(tmp_path: Path) -> None:
+    # Found by a new user: with strict=True the save that raised the failure
+    # of the one before was neither journaled nor staged, so no replay could
+    # ever persist it.
+    persister = SlowPersister(delay=0, fail_at=1)
+    checkpoint = ll.Checkpoint(
+        every_n_train_steps=1,
+        save_top_k=-1,
+        disable_plugins=LOCAL_ONLY,
+        strict=True,
+    )
+    checkpoint.plugin_manager.register(persister, name="failing")
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        callbacks=[checkpoint, SlowSteps()],
+        logger=False,
+        max_steps=3,
+        **QUIET,
+    )
+    with pytest.raises(ll.PersistError, match="disk on fire"):
+        trainer.fit(ScriptedModule(), loader())
+
+    assert checkpoint.journal_path is not None
+    journal = read(checkpoint.journal_path)
+    on_disk = {p.name for p in Path(checkpoint.dirpath).glob("*.ckpt")}
+    journaled = {Path(e.record["original"]).name for e in journal if e.op == "save"}
+    assert on_disk == {"epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt"}
+    assert on_disk <= journaled
+    (report,) = ll.replay(
+        tmp_path, plugins=[SlowPersister(delay=0)], disable=LOCAL_ONLY
+    )
+    assert report.persisted == 2 and report.ok
 
 
 def test_synchronous_mode_persists_on_the_training_thread(tmp_path: Path) -> None:
