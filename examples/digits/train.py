@@ -8,13 +8,15 @@ With no LaminDB instance configured, a local one is created under
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 from lamin_lightning_adapters.lamindb import ensure_local_instance
 
 PROJECT = Path(__file__).resolve().parents[2]
-ensure_local_instance(PROJECT / ".lamin-lightning", name="lamin-lightning-demo")
+DEMO_DIR = PROJECT / ".lamin-lightning"
+ensure_local_instance(DEMO_DIR, name="lamin-lightning-demo")
 
 import lamindb as ln  # noqa: E402  (after the instance is chosen)
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
@@ -59,8 +61,25 @@ def report(checkpoint: ll.Checkpoint) -> None:
         console.print(f"last event: {best.model_dump_json()}", soft_wrap=True)
 
 
+def keep_mlflow_artifacts_in_demo_folder() -> None:
+    # MLflow stores run files in ./mlruns unless the experiment names a place;
+    # with the demo's own tracking database, keep them beside it.
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri.startswith(f"sqlite:///{DEMO_DIR}"):
+        return
+    import mlflow
+
+    name = "lamin-lightning-demo"
+    if mlflow.get_experiment_by_name(name) is None:
+        location = (DEMO_DIR / "mlflow-artifacts").as_uri()
+        mlflow.create_experiment(name, artifact_location=location)
+    mlflow.set_experiment(name)
+
+
 def main() -> None:
     mark_local_instance_offline_safe()
+    keep_mlflow_artifacts_in_demo_folder()
+    ll.save_lightning_features()  # score, rank, best/last on each checkpoint
     ln.track()
     cli = LightningCLI(
         DigitsClassifier,
