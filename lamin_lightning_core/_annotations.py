@@ -190,3 +190,25 @@ def fit_started(
         trainer_config=trainer_config(trainer, layout, checkpoint.monitor, mode),
         hyperparameters=hyperparameters(pl_module, trainer),
     )
+
+
+def event_fields(
+    checkpoint: Checkpoint,
+    trainer: pl.Trainer,
+    ranking: dict[str, CheckpointRank],
+    score: float | None,
+    standing: CheckpointRank | None,
+) -> dict[str, Any]:
+    """The saved event's fields taken at save time; ``standing`` is ``None``
+    for a file that is not a checkpoint (config, hparams)."""
+    ours = standing is not None
+    return {
+        "epoch": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "ranking": ranking,
+        "monitor": checkpoint.monitor if ours else None,
+        "score": score,
+        "is_best": standing is not None and standing.is_best_model,
+        "mode": checkpoint.mode if ours else None,
+        "save_weights_only": checkpoint.save_weights_only if ours else None,
+    }

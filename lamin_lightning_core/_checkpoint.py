@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 
     from lamin_lightning_core._events import (
         ArtifactKind,
-        FeatureValue,
     )
 
 log = logging.getLogger(__name__)
@@ -444,7 +443,8 @@ class Checkpoint(ModelCheckpoint):
         score = _trainer.score(self.current_score) if is_checkpoint else None
         ranking = self._ranking.add(key, score) if is_checkpoint else {}
         standing = self._ranking.standing(key) if is_checkpoint else None
-        features = self._artifact_features(trainer) if is_checkpoint else {}
+        values = self.features.get("artifact", {}) if is_checkpoint else {}
+        features = _annotations.resolve_artifact_features(trainer, values)
         seq = self._journal.next_seq()
         if is_checkpoint:
             self._staged_keys[path] = (key, seq)
@@ -461,16 +461,7 @@ class Checkpoint(ModelCheckpoint):
             auto_features=_annotations.auto_features(self, score, standing),
             ranking={k: v for k, v in ranking.items() if k != key},
         )
-        fields = {
-            "epoch": trainer.current_epoch,
-            "global_step": trainer.global_step,
-            "ranking": ranking,
-            "monitor": self.monitor if is_checkpoint else None,
-            "score": score,
-            "is_best": standing is not None and standing.is_best_model,
-            "mode": self.mode if is_checkpoint else None,
-            "save_weights_only": self.save_weights_only if is_checkpoint else None,
-        }
+        fields = _annotations.event_fields(self, trainer, ranking, score, standing)
         pending = PendingSave(request, path, fields, seq)
         self._journal.write("save", seq, **pending.to_record())
         return functools.partial(self._delivery.save, pending, written, self.strict)
@@ -506,9 +497,3 @@ class Checkpoint(ModelCheckpoint):
             )
             self._fit_status = None
             self._bus.broadcast("lamin_lightning_fit_ended", event)
-
-    # -- helpers -----------------------------------------------------------------
-
-    def _artifact_features(self, trainer: pl.Trainer) -> dict[str, FeatureValue]:
-        values = self.features.get("artifact", {})
-        return _annotations.resolve_artifact_features(trainer, values)
