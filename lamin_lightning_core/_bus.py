@@ -283,16 +283,17 @@ class PluginBus:
             plugin, self.distribution_of(plugin), hook, event, error
         )
         self.failures.append(failure)
+        first = plugin not in self._warned
         log.error(
             "Plugin %s failed in %s for %s: %r; training goes on and the event "
-            "is kept in Checkpoint.delivery_failures",
+            "is kept in Checkpoint.delivery_failures and the journal",
             self._describe(plugin),
             hook,
             getattr(event, "key", event.event_id),
             error,
-            exc_info=error,
+            exc_info=error if first else None,  # one traceback per plugin
         )
-        if plugin not in self._warned:
+        if first:
             self._warned.add(plugin)
             warnings.warn(
                 f"Plugin {self._describe(plugin)} failed in {hook}: {error!r}. "

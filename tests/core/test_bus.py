@@ -214,3 +214,17 @@ def test_environment_switches(site: Path, monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.delenv("LAMIN_LIGHTNING_DISABLE_PLUGINS")
     monkeypatch.setenv("LAMIN_LIGHTNING_DISABLE_AUTOLOAD", "1")
     assert [name for name, _ in create_bus().manager.list_name_plugin()] == ["local"]
+
+
+def test_a_failing_plugin_logs_one_traceback_then_one_line_each(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Found by a new user: six failed events printed six full tracebacks.
+    bus = create_bus(plugins=[Exploding()], autoload=False, retry=ll.Retry(1))
+    with pytest.warns(ll.PluginDeliveryWarning):
+        for _ in range(3):
+            bus.broadcast("lamin_lightning_artifact_saved", saved())
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 3
+    assert [r.exc_info is not None for r in errors] == [True, False, False]
+    assert all("backend down" in r.getMessage() for r in errors)
