@@ -218,12 +218,6 @@ def removed_event(
     )
 
 
-HOOKS = {
-    "artifact_saved": "lamin_lightning_artifact_saved",
-    "artifact_removed": "lamin_lightning_artifact_removed",
-}
-
-
 def announce(
     bus: PluginBus,
     journal: Journal,
@@ -243,7 +237,7 @@ def announce(
     Returns:
         The tracked plugins that handled the event, and those that failed.
     """
-    hook = HOOKS[event.event_type]  # type: ignore[attr-defined]
+    hook = f"lamin_lightning_{event.event_type}"  # type: ignore[attr-defined]
     if done is not None:
         targets = bus.tracked_for(hook)
         journal.write(done, seq, event=event.model_dump(mode="json"), targets=targets)

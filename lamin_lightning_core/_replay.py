@@ -11,10 +11,8 @@ second time.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ from lamin_lightning_core import _journal
 from lamin_lightning_core._delivery import PendingSave, announce, removed_event
 from lamin_lightning_core._errors import PersistError
 from lamin_lightning_core._events import ArtifactSavedEvent
+from lamin_lightning_core._staging import release
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -179,8 +178,8 @@ def _replay_remove(
     if save is None or save.done is None:
         return  # never persisted: nothing to delete or announce
     saved = ArtifactSavedEvent.model_validate(save.done["event"])
+    removed = removed_event(saved, {})
     if entry.done is None:
-        removed = removed_event(saved, {})
         try:
             bus.delete(removed)
         except PersistError as error:
@@ -189,7 +188,6 @@ def _replay_remove(
         report.deleted += 1
         delivered, failed = announce(bus, journal, entry.seq, removed, "deleted")
     else:
-        removed = removed_event(saved, {})
         delivered, failed = _deliver_missing(entry, removed, bus, journal, report)
     report.delivered += len(delivered)
     report.failed.extend(f"{saved.key} (removal): plugin {p!r} failed" for p in failed)
@@ -213,12 +211,5 @@ def _deliver_missing(
 
 def _release(pending: PendingSave) -> None:
     # The staged name of a file that needs it no more; its folder if empty.
-    staged = pending.request.local_path
-    if staged == pending.original or not staged.exists():
-        return
-    if staged.is_dir():
-        shutil.rmtree(staged, ignore_errors=True)
-    else:
-        staged.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):  # not empty: other files still wait
-        staged.parent.rmdir()
+    if pending.request.local_path.exists():
+        release(pending.request.local_path, pending.original, prune=True)

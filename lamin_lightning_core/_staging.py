@@ -19,6 +19,7 @@ A sharded checkpoint (a directory) is staged as a tree of links.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -150,12 +151,7 @@ class Stager:
 
     def release(self, staged: Path, original: Path) -> None:
         """Remove a staged file or tree once it is persisted."""
-        if staged == original:
-            return
-        if staged.is_dir():
-            shutil.rmtree(staged, ignore_errors=True)
-        else:
-            staged.unlink(missing_ok=True)
+        release(staged, original)
 
     def cleanup(self) -> None:
         """Remove staging folders left empty; training thread, worker idle."""
@@ -188,3 +184,19 @@ class Stager:
                 error,
             )
         shutil.copy2(source, target)
+
+
+def release(staged: Path, original: Path, *, prune: bool = False) -> None:
+    """Remove a staged file or tree; with ``prune``, its folder if now empty.
+
+    Nothing happens if ``staged`` is Lightning's own file (staging off).
+    """
+    if staged == original:
+        return
+    if staged.is_dir():
+        shutil.rmtree(staged, ignore_errors=True)
+    else:
+        staged.unlink(missing_ok=True)
+    if prune:
+        with contextlib.suppress(OSError):  # not empty: other files still wait
+            staged.parent.rmdir()
