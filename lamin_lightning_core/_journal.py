@@ -79,7 +79,7 @@ class Journal:
             ) from error
         _try_lock(stream)  # a new file: no one else holds it
         with self._lock:
-            self.close_locked()
+            self._close_locked()
             self.path, self._stream = path, stream
             for line in self._buffer:
                 stream.write(line)
@@ -122,9 +122,9 @@ class Journal:
 
     def close(self) -> None:
         with self._lock:
-            self.close_locked()
+            self._close_locked()
 
-    def close_locked(self) -> None:
+    def _close_locked(self) -> None:
         if self._stream is not None:
             self._stream.close()
             self._stream = None
