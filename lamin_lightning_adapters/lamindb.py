@@ -265,6 +265,14 @@ def lamin_lightning_delete_artifact(event: ArtifactRemovedEvent) -> bool | None:
         artifact = ln.Artifact.filter(uid=event.artifact_uid).one_or_none()
         if artifact is None:
             return True  # deleted already: replaying twice changes nothing
+    elif artifact is None:
+        # A save that a killed fit may have persisted without telling its
+        # journal: whatever this run holds under the key goes.
+        run = {"run__uid": event.run_uid} if event.run_uid else {"run": None}
+        for stray in ln.Artifact.filter(key=event.key, **run):
+            log.info("Deleting %s, persisted by a killed fit", event.key)
+            stray.delete(permanent=True, storage=True)
+        return True
     if not isinstance(artifact, ln.Artifact):
         return None
     artifact.delete(permanent=True, storage=True)

@@ -161,6 +161,7 @@ class Delivery:
 
     def _save(self, pending: PendingSave) -> ArtifactSavedEvent:
         request, original = pending.request, pending.original
+        self.journal.write("persisting", pending.seq)
         try:
             persisted = self.bus.persist(request)
         except PersistError as error:

@@ -16,6 +16,11 @@ Records (``op``):
 
 * ``save``: a file to persist (the persist request, Lightning's path, the
   event fields taken at save time); ``remove``: an eviction of save ``save``;
+* ``persisting``: the persister was called for a save. A save with this
+  mark and no ``persisted`` one may be persisted without the journal knowing
+  (the process died in between); replay settles it;
+* ``settled``: replay made sure that such a save, evicted since, left no
+  record behind;
 * ``persisted`` / ``deleted``: the persister did its part; carries the event
   (without the live record) and the tracked plugins it is due to;
 * ``delivered`` / ``failed``: one tracked plugin handled the event, or not.
@@ -158,6 +163,9 @@ class Entry:
     evicted: bool = False
     void: bool = False
     """A removal of a file that was never persisted: nothing to undo."""
+    attempted: bool = False
+    """The persister was called for this save; it may hold a record of it."""
+    settled: bool = False
 
     @property
     def missing(self) -> list[str]:
@@ -169,7 +177,9 @@ class Entry:
     @property
     def complete(self) -> bool:
         if self.op == "save" and self.done is None:
-            return self.evicted  # evicted before it was persisted: nothing due
+            # Evicted before it was persisted: nothing is due, unless the
+            # persister may have saved it unmarked and that record must go.
+            return self.evicted and (self.settled or not self.attempted)
         if self.op == "remove" and self.done is None:
             return self.void
         return not self.missing
@@ -194,6 +204,10 @@ def read(path: Path) -> list[Entry]:
             log.warning("%s:%d: a %r mark of no known entry; ignored", path, number, op)
         elif op in ("persisted", "deleted"):
             entry.done = record
+        elif op == "persisting":
+            entry.attempted = True
+        elif op == "settled":
+            entry.settled = True
         elif op == "delivered":
             entry.delivered.add(str(record.get("plugin")))
             entry.failed.pop(str(record.get("plugin")), None)

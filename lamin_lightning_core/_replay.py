@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from lamin_lightning_core import _journal
 from lamin_lightning_core._delivery import PendingSave, announce, removed_event
 from lamin_lightning_core._errors import PersistError
-from lamin_lightning_core._events import ArtifactSavedEvent
+from lamin_lightning_core._events import ArtifactRemovedEvent, ArtifactSavedEvent
 from lamin_lightning_core._staging import release
 
 if TYPE_CHECKING:
@@ -117,7 +117,9 @@ def replay_journal(path: Path, bus: PluginBus) -> ReplayReport | None:
                 _release(PendingSave.from_record(entry.record))
             if entry.complete:
                 continue
-            if entry.op == "save":
+            if entry.op == "save" and entry.evicted and entry.done is None:
+                _settle(entry, entries, bus, journal, report)
+            elif entry.op == "save":
                 _replay_save(entry, bus, journal, report)
             else:
                 save = saves.get(entry.record["save"])
@@ -149,6 +151,7 @@ def _replay_save(
             )
             return
         request = pending.request.model_copy(update={"local_path": source})
+        journal.write("persisting", entry.seq)
         try:
             persisted = bus.persist(request)
         except PersistError as error:
@@ -166,6 +169,40 @@ def _replay_save(
     report.failed.extend(f"{event.key}: plugin {p!r} failed" for p in failed)
     if not failed:
         _release(pending)
+
+
+def _settle(
+    entry: Entry,
+    entries: list[Entry],
+    bus: PluginBus,
+    journal: Journal,
+    report: ReplayReport,
+) -> None:
+    # The fit died between persisting this save and marking it, and Lightning
+    # evicted the file since: delete what the persister may hold of it, by
+    # key and run, unless a later save of the same key replaced it.
+    request = PendingSave.from_record(entry.record).request
+    later = any(
+        e.record["request"]["key"] == request.key
+        for e in entries
+        if e.op == "save" and e.seq > entry.seq
+    )
+    if not later:
+        removed = ArtifactRemovedEvent(
+            callback_id=request.callback_id,
+            run_uid=request.run_uid,
+            kind=request.kind,
+            key=request.key,
+            local_path=request.local_path,
+            storage_uri=request.local_path.absolute().as_uri(),
+        )
+        try:
+            bus.delete(removed)
+        except PersistError as error:
+            report.failed.append(f"{request.key}: {error}")
+            return
+        report.deleted += 1
+    journal.write("settled", entry.seq)
 
 
 def _replay_remove(

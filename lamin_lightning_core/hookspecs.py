@@ -142,6 +142,11 @@ def lamin_lightning_delete_artifact(event: ArtifactRemovedEvent) -> bool | None:
     persister returned when the file was saved; ``event.ranking`` the
     remaining checkpoints whose standing changed with the eviction.
 
+    On replay, ``event.artifact`` is ``None``: the record is then the one
+    with ``event.artifact_uid``. If that is ``None`` too, the fit was killed
+    while the persister saved the file: delete whatever the run
+    ``event.run_uid`` holds under ``event.key``, if anything.
+
     Returns:
         ``True`` once handled. Stops at the first non-None result.
     """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 
 import lamin_lightning_core as ll
 from lamin_lightning_core._journal import find_journals, read
-from tests.helpers import QUIET, ScriptedModule, loader
+from tests.helpers import QUIET, ScriptedModule, fit, loader
 
 REPO = Path(__file__).parents[2]
 REGISTRARS = ["wandb", "mlflow", "clearml", "recorder"]
@@ -78,3 +79,34 @@ def test_a_killed_fit_resumes_with_nothing_lost_or_duplicated(
     killed = ln.Artifact.filter(key=max(before), kind="model").one()
     assert killed.run.uid == killed_run  # persisted into the run that wrote it
     assert all(e.complete for path in find_journals(tmp_path) for e in read(path))
+
+
+def test_a_save_persisted_but_not_journaled_is_deleted_once_evicted(
+    ln: ModuleType, tracked_run: Any, tmp_path: Path
+) -> None:
+    # Found by the test above: the fit died after LaminDB stored step=1 and
+    # before the journal said so; Lightning evicted step=1 later, and replay
+    # took the save for never persisted, so its artifact stayed.
+    checkpoint = ll.Checkpoint(
+        every_n_train_steps=1, save_top_k=-1, disable_plugins=REGISTRARS
+    )
+    fit([checkpoint], tmp_path, steps=2)
+    assert checkpoint.journal_path is not None
+    records = [
+        json.loads(line) for line in checkpoint.journal_path.read_text().splitlines()
+    ]
+    first = next(r["seq"] for r in records if r["op"] == "save")
+    marks = {"persisted", "delivered", "failed"}
+    kept = [r for r in records if not (r["seq"] == first and r["op"] in marks)]
+    kept.append({"op": "remove", "seq": records[-1]["seq"] + 1, "save": first})
+    checkpoint.journal_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    (tmp_path / "checkpoints" / "epoch=0-step=1.ckpt").unlink()  # the eviction
+    stray = f"{tracked_run.uid}/checkpoints/epoch=0-step=1.ckpt"
+    assert ln.Artifact.filter(key=stray).count() == 1
+
+    (report,) = ll.replay(tmp_path, disable=REGISTRARS)
+
+    assert report.ok and report.deleted == 1
+    assert ln.Artifact.filter(key=stray).count() == 0
+    assert ln.Artifact.filter(key=stray.replace("step=1", "step=2")).count() == 1
+    assert ll.replay(tmp_path, disable=REGISTRARS) == []
