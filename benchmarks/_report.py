@@ -333,6 +333,11 @@ def section_imports(imports: ImportTimes, repeats: int) -> Section:
             verdict(delta < 0.050),
         ),
         Row(
+            "  then the first Checkpoint(), median",
+            "",
+            ms(h.median(imports.first_checkpoint)),
+        ),
+        Row(
             "backends imported by the core",
             "",
             ", ".join(loaded) or "none",
@@ -342,7 +347,11 @@ def section_imports(imports: ImportTimes, repeats: int) -> Section:
         ),
     ]
     added = ", ".join(f"{name} {s * 1e3:.0f} ms" for name, s in imports.packages[:8])
-    notes = [f"-X importtime, self time the core adds per package: {added}"]
+    notes = [
+        f"-X importtime, self time the core adds per package: {added}",
+        "the event models (pydantic) and the installed plugins load with the "
+        "first Checkpoint(), not on import",
+    ]
     return Section(
         f"Import ({repeats} fresh interpreters each)",
         rows,

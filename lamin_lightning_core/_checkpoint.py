@@ -19,25 +19,16 @@ from typing import TYPE_CHECKING, Any
 from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
-from lamin_lightning_core import _annotations, _keys, _preflight, _replay, _trainer
-from lamin_lightning_core._bus import DeliveryFailure, Retry, create_bus
-from lamin_lightning_core._delivery import DESCRIPTIONS, Delivery, PendingSave
-from lamin_lightning_core._errors import PersistError
-from lamin_lightning_core._events import (
-    ArtifactRemovedEvent,
-    ArtifactSavedEvent,
-    BackendRunLink,
-    CheckpointQuery,
-    FitEndedEvent,
-    FitStatus,
-    PersistRequest,
-    check_kind,
-)
+from lamin_lightning_core import _keys, _preflight, _trainer
 from lamin_lightning_core._journal import Journal, journal_dir
+from lamin_lightning_core._keys import check_kind
 from lamin_lightning_core._observers import ObserverPlugin, check_observer
-from lamin_lightning_core._ranking import Ranking
 from lamin_lightning_core._staging import Stager
 from lamin_lightning_core._worker import Worker
+
+# The event models, the plugin bus and what builds on them (pydantic and the
+# installed plugins, about 60 ms) load when the first Checkpoint is made, not
+# on import: DataLoader workers that re-import a training script skip them.
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -46,9 +37,15 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
     import pluggy
 
+    from lamin_lightning_core._bus import DeliveryFailure, Retry
+    from lamin_lightning_core._errors import PersistError
     from lamin_lightning_core._events import (
-        ArtifactKind,
+        ArtifactRemovedEvent,
+        ArtifactSavedEvent,
+        BackendRunLink,
+        FitStatus,
     )
+    from lamin_lightning_core._keys import ArtifactKind
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +126,13 @@ class Checkpoint(ModelCheckpoint):
         retry: Retry | None = None,
         **kwargs: Any,
     ) -> None:
+        from lamin_lightning_core._annotations import check_features
+        from lamin_lightning_core._bus import create_bus
+        from lamin_lightning_core._delivery import Delivery
+        from lamin_lightning_core._ranking import Ranking
+
         super().__init__(*args, **kwargs)
-        self.features = _annotations.check_features(features)
+        self.features = check_features(features)
         self.run_uid_is_version = run_uid_is_version
         self.asynchronous = asynchronous
         self.strict = strict
@@ -297,11 +299,15 @@ class Checkpoint(ModelCheckpoint):
             self.flush()
         self.resolve_prefix(trainer)
         if stage == "fit" and trainer.is_global_zero:
+            from lamin_lightning_core._annotations import fit_started
+            from lamin_lightning_core._events import BackendRunLink
+            from lamin_lightning_core._replay import resume
+
             _preflight.check_dirpath(self.dirpath)
             directory = journal_dir(Path(self.dirpath or "."))
-            _replay.resume(directory, self._bus)
+            resume(directory, self._bus)
             self._journal.open(directory, self._run_uid)
-            started = _annotations.fit_started(self, trainer, pl_module)
+            started = fit_started(self, trainer, pl_module)
             self._bus.prepare_run(started)
             self._fit_status = "finished"
             results = self._bus.broadcast("lamin_lightning_fit_started", started)
@@ -436,6 +442,10 @@ class Checkpoint(ModelCheckpoint):
     def _stage_save(
         self, trainer: pl.Trainer, path: Path, kind: ArtifactKind
     ) -> Callable[[], ArtifactSavedEvent | None]:
+        from lamin_lightning_core import _annotations
+        from lamin_lightning_core._delivery import DESCRIPTIONS, PendingSave
+        from lamin_lightning_core._events import PersistRequest
+
         key = self.key_for(kind, path)
         is_checkpoint = kind == "checkpoint"
         writer = _trainer.background_writer(trainer) if is_checkpoint else None
@@ -484,6 +494,8 @@ class Checkpoint(ModelCheckpoint):
         self._worker.stop()
         self._journal.close()
         self._stager.cleanup()
+        from lamin_lightning_core._events import CheckpointQuery, FitEndedEvent
+
         if self._fit_status is not None and not failing:
             from lamin_lightning_core._table import log_summary  # imports rich
 

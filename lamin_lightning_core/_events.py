@@ -13,7 +13,7 @@ import posixpath
 import re
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Final, Literal, get_args
+from typing import Annotated, Final, Literal
 from urllib.parse import urlsplit, urlunsplit
 from uuid import UUID, uuid4
 
@@ -26,27 +26,13 @@ from pydantic import (
     StrictInt,
 )
 
+from lamin_lightning_core._keys import ArtifactKind
+
 SCHEMA_VERSION: Final = 1
 """Bumped whenever a field changes meaning or is removed."""
 
-ArtifactKind = Literal["checkpoint", "config", "hparams"]
-ARTIFACT_KINDS: Final[tuple[str, ...]] = get_args(ArtifactKind)
 
 FitStatus = Literal["finished", "failed", "interrupted"]
-
-
-def check_kind(kind: str) -> ArtifactKind:
-    """Return ``kind`` if it is a known artifact kind.
-
-    Raises:
-        ValueError: naming the unknown kind and the accepted ones.
-    """
-    if kind not in ARTIFACT_KINDS:
-        raise ValueError(
-            f"Unknown artifact kind {kind!r}: expected one of "
-            f"{', '.join(map(repr, ARTIFACT_KINDS))}."
-        )
-    return kind  # type: ignore[return-value]
 
 
 def check_key(key: str) -> str:

@@ -23,9 +23,27 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePath
+from typing import Final, Literal, get_args
 
 CHECKPOINTS_DIR = "checkpoints"
 HPARAMS_FILENAME = "hparams.yaml"
+
+ArtifactKind = Literal["checkpoint", "config", "hparams"]
+ARTIFACT_KINDS: Final[tuple[str, ...]] = get_args(ArtifactKind)
+
+
+def check_kind(kind: str) -> ArtifactKind:
+    """Return ``kind`` if it is a known artifact kind.
+
+    Raises:
+        ValueError: naming the unknown kind and the accepted ones.
+    """
+    if kind not in ARTIFACT_KINDS:
+        raise ValueError(
+            f"Unknown artifact kind {kind!r}: expected one of "
+            f"{', '.join(map(repr, ARTIFACT_KINDS))}."
+        )
+    return kind  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

@@ -5,14 +5,12 @@ import pytest
 import lamin_lightning_core as ll
 from lamin_lightning_core import hookspecs
 
-LAZY = {"SaveConfigCallback"}
-"""Public names that ``lamin_lightning_core`` imports when first asked for."""
-
 
 def test_lazy_names_resolve_and_unknown_names_fail() -> None:
     from lightning.pytorch.cli import SaveConfigCallback
 
     assert issubclass(ll.SaveConfigCallback, SaveConfigCallback)
+    assert ll.ArtifactSavedEvent.model_fields["key"].is_required()
     with pytest.raises(AttributeError, match="has no attribute 'Chekpoint'"):
         ll.Chekpoint  # noqa: B018
 
@@ -24,7 +22,7 @@ def _isort_style(name: str) -> tuple[int, str]:
 
 def test_all_is_sorted_and_complete() -> None:
     public = {name for name in vars(ll) if not name.startswith("_")}
-    public |= LAZY
+    public |= set(ll._LAZY)
     modules = {name for name in public if type(getattr(ll, name)).__name__ == "module"}
     assert ll.__all__ == sorted(ll.__all__, key=_isort_style)
     assert set(ll.__all__) == public - modules - {"annotations"}

@@ -28,6 +28,8 @@ importlib.util.find_spec = lambda name, package=None: (
 )
 
 import lamin_lightning_core as ll
+ll.Checkpoint
+deferred = sorted({"pydantic", "pluggy"} - set(sys.modules))
 from tests.helpers import fit
 
 imported = sorted(m for m in sys.modules if m.split(".")[0] in BACKENDS)
@@ -39,7 +41,9 @@ class Observer:
 checkpoint = ll.Checkpoint(artifact_observers=[Observer()])
 fit([checkpoint], sys.argv[1], steps=2)
 inactive = dict(checkpoint._bus.inactive)
-print(json.dumps({"imported": imported, "saved": saved, "inactive": inactive}))
+print(json.dumps({
+    "imported": imported, "saved": saved, "inactive": inactive, "deferred": deferred
+}))
 """
 
 
@@ -56,6 +60,7 @@ def test_core_works_without_any_backend(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["imported"] == []
+    assert result["deferred"] == ["pydantic"]  # loads with the first Checkpoint()
     [event] = result["saved"]
     assert event["storage_uri"].startswith("file:///")
     assert event["key"] == "checkpoints/epoch=0-step=2.ckpt"
