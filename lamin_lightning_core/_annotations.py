@@ -12,11 +12,14 @@ from lamin_lightning_core._events import FitStartedEvent
 from lamin_lightning_core._keys import version_segment
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import lightning.pytorch as pl
 
     from lamin_lightning_core._checkpoint import Checkpoint
+    from lamin_lightning_core._delivery import PendingSave
     from lamin_lightning_core._events import CheckpointRank, FeatureValue
-    from lamin_lightning_core._keys import LoggerLayout
+    from lamin_lightning_core._keys import ArtifactKind, LoggerLayout
 
 log = logging.getLogger(__name__)
 
@@ -212,3 +215,43 @@ def event_fields(
         "mode": checkpoint.mode if ours else None,
         "save_weights_only": checkpoint.save_weights_only if ours else None,
     }
+
+
+def pending_save(
+    checkpoint: Checkpoint,
+    trainer: pl.Trainer,
+    kind: ArtifactKind,
+    key: str,
+    staged: Path,
+    original: Path,
+    seq: int,
+    score: float | None,
+    ranking: dict[str, CheckpointRank],
+) -> PendingSave:
+    """A save as the worker will persist it, with everything taken now.
+
+    Args:
+        score: the monitored value (``None`` for config and hparams).
+        ranking: the checkpoints whose standing this save changed.
+    """
+    from lamin_lightning_core._delivery import DESCRIPTIONS, PendingSave
+    from lamin_lightning_core._events import PersistRequest
+
+    is_checkpoint = kind == "checkpoint"
+    standing = checkpoint._ranking.standing(key) if is_checkpoint else None
+    values = checkpoint.features.get("artifact", {}) if is_checkpoint else {}
+    request = PersistRequest(
+        kind=kind,
+        key=key,
+        local_path=staged,
+        run_uid=checkpoint.run_uid,
+        description=DESCRIPTIONS[kind],
+        is_run_input=kind == "config",
+        is_run_output=is_checkpoint,
+        callback_id=checkpoint.state_key,
+        features=resolve_artifact_features(trainer, values),
+        auto_features=auto_features(checkpoint, score, standing),
+        ranking={k: v for k, v in ranking.items() if k != key},
+    )
+    fields = event_fields(checkpoint, trainer, ranking, score, standing)
+    return PendingSave(request, original, fields, seq)

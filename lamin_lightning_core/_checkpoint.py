@@ -9,7 +9,6 @@ save order. With ``asynchronous=False`` the same job runs inline.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -58,19 +57,14 @@ class Checkpoint(ModelCheckpoint):
     persister (LaminDB when installed, else the file stays where it is), then
     announced to bus plugins, observers and :meth:`on_artifact_saved`.
 
-    By default this happens on a background thread, one per callback, so
-    training goes on while a file is hashed, copied and registered. Right
-    after Lightning writes a file, the training thread hard-links it into
-    ``.lamin-lightning-staging/`` next to it, so top-k eviction cannot delete
-    it before it is persisted. ``trainer.fit`` returns only once everything is
-    persisted and announced, also when the fit fails or is interrupted.
-    Events of one key arrive in save order, and a removed event never
-    overtakes its saved event.
-
-    Persister hooks, registrars, observers and the subclass hooks
-    :meth:`on_artifact_saved` / :meth:`on_artifact_removed` run on that
-    background thread (``lamin_lightning_fit_started`` and ``_fit_ended`` on
-    the training thread).
+    By default this happens on a background thread, one per callback, where
+    persister hooks, registrars, observers and the subclass hooks run (all
+    but ``fit_started`` and ``fit_ended``). Right after Lightning writes a
+    file, the training thread hard-links it into ``.lamin-lightning-staging/``
+    so top-k eviction cannot delete it before it is persisted. ``trainer.fit``
+    returns once everything is persisted and announced, also when the fit
+    fails or is interrupted. Events of one key arrive in save order; a
+    removed event never overtakes its saved event.
 
     Nothing is lost when a backend fails: each save and removal is written to
     a journal beside ``dirpath`` first, transient errors are retried, and a
@@ -96,6 +90,11 @@ class Checkpoint(ModelCheckpoint):
             is persisted. A further save blocks training until one is done, so
             a slow backend slows training down instead of filling the disk
             with staged files.
+        coalesce: with ``asynchronous``, skip a checkpoint that top-k
+            eviction deleted before its turn came: neither it nor its removal
+            is persisted or announced. Worth it when uploads are slow. The
+            persister ends with the same ranks and flags, but while the
+            worker catches up they may briefly not add up.
         strict: fail the fit when the persister fails (at the next save or
             when training ends), instead of logging it and going on.
         retry: how often transient plugin errors are retried (default: 3
@@ -121,6 +120,7 @@ class Checkpoint(ModelCheckpoint):
         plugins: Sequence[Any] | None = None,
         disable_plugins: Sequence[str] | None = None,
         asynchronous: bool = True,
+        coalesce: bool = False,
         max_pending: int = 4,
         strict: bool = False,
         retry: Retry | None = None,
@@ -135,6 +135,7 @@ class Checkpoint(ModelCheckpoint):
         self.features = check_features(features)
         self.run_uid_is_version = run_uid_is_version
         self.asynchronous = asynchronous
+        self.coalesce = coalesce
         self.strict = strict
         self._user_dirpath = kwargs.get("dirpath", args[0] if args else None)
         _preflight.check_text("dirpath", self._user_dirpath)
@@ -157,7 +158,9 @@ class Checkpoint(ModelCheckpoint):
         self._run_uid: str | None = None
         self._fit_status: FitStatus | None = None
         self._journal = Journal()
-        self._delivery = Delivery(self._bus, self._stager, self._journal)
+        self._delivery = Delivery(
+            self._bus, self._stager, self._journal, queued=asynchronous
+        )
         self._staged_keys: dict[Path, tuple[str, int]] = {}
         self._hparams_stamp: tuple[int, int] | None = None
         self._ranking = Ranking(self.mode)  # type: ignore[arg-type]
@@ -384,9 +387,10 @@ class Checkpoint(ModelCheckpoint):
         ranking = self._ranking.remove(key)
         seq = self._journal.next_seq()
         self._journal.write("remove", seq, save=save_seq, key=key)
-        self._worker.submit(
-            lambda: functools.partial(self._delivery.remove, seq, path, ranking)
-        )
+        waiting = self._delivery.waiting
+        if self.coalesce and waiting.cancel(save_seq, key, ranking):
+            return  # its save had not started: both are dropped
+        self._worker.submit(lambda: self._delivery.queue_removal(seq, path, ranking))
 
     # -- publishing: training thread ------------------------------------------
 
@@ -442,9 +446,7 @@ class Checkpoint(ModelCheckpoint):
     def _stage_save(
         self, trainer: pl.Trainer, path: Path, kind: ArtifactKind
     ) -> Callable[[], ArtifactSavedEvent | None]:
-        from lamin_lightning_core import _annotations
-        from lamin_lightning_core._delivery import DESCRIPTIONS, PendingSave
-        from lamin_lightning_core._events import PersistRequest
+        from lamin_lightning_core._annotations import pending_save
 
         key = self.key_for(kind, path)
         is_checkpoint = kind == "checkpoint"
@@ -452,29 +454,14 @@ class Checkpoint(ModelCheckpoint):
         staged, written = self._stager.stage_after(path, writer, link=is_checkpoint)
         score = _trainer.score(self.current_score) if is_checkpoint else None
         ranking = self._ranking.add(key, score) if is_checkpoint else {}
-        standing = self._ranking.standing(key) if is_checkpoint else None
-        values = self.features.get("artifact", {}) if is_checkpoint else {}
-        features = _annotations.resolve_artifact_features(trainer, values)
         seq = self._journal.next_seq()
         if is_checkpoint:
             self._staged_keys[path] = (key, seq)
-        request = PersistRequest(
-            kind=kind,
-            key=key,
-            local_path=staged,
-            run_uid=self._run_uid,
-            description=DESCRIPTIONS[kind],
-            is_run_input=kind == "config",
-            is_run_output=is_checkpoint,
-            callback_id=self.state_key,
-            features=features,
-            auto_features=_annotations.auto_features(self, score, standing),
-            ranking={k: v for k, v in ranking.items() if k != key},
+        pending = pending_save(
+            self, trainer, kind, key, staged, path, seq, score, ranking
         )
-        fields = _annotations.event_fields(self, trainer, ranking, score, standing)
-        pending = PendingSave(request, path, fields, seq)
         self._journal.write("save", seq, **pending.to_record())
-        return functools.partial(self._delivery.save, pending, written, self.strict)
+        return self._delivery.queue_save(pending, written, self.strict)
 
     def _publish_hparams(self, trainer: pl.Trainer) -> None:
         # Loggers write hparams.yaml at the start of fit and may rewrite it;

@@ -7,6 +7,7 @@ and only reads what the training thread captured at the moment of the save.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,10 @@ from lamin_lightning_core._events import (
     CheckpointRank,
     PersistRequest,
 )
+from lamin_lightning_core._waiting import Waiting
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from concurrent.futures import Future
 
     from lamin_lightning_core._bus import PluginBus
@@ -109,16 +112,38 @@ class Delivery:
         bus: the callback's plugin bus.
         stager: releases a staged file once its event is broadcast.
         journal: where each step is marked as done.
+        queued: whether jobs wait in the worker's queue (``asynchronous``),
+            where an eviction may cancel a save (see :mod:`._waiting`).
     """
 
-    def __init__(self, bus: PluginBus, stager: Stager, journal: Journal) -> None:
+    def __init__(
+        self, bus: PluginBus, stager: Stager, journal: Journal, queued: bool = True
+    ) -> None:
         self.bus = bus
+        self.queued = queued
         self.stager = stager
         self.journal = journal
         self.last: dict[str, ArtifactSavedEvent] = {}
         self.last_event: ArtifactSavedEvent | ArtifactRemovedEvent | None = None
         self.persist_failures: list[PersistError] = []
+        self.waiting = Waiting()
         self._saved: dict[Path, ArtifactSavedEvent] = {}
+
+    def queue_save(
+        self, pending: PendingSave, written: Future[Path] | None, strict: bool
+    ) -> Callable[[], ArtifactSavedEvent | None]:
+        """The worker's job for a save; registered as waiting until it runs."""
+        if self.queued:
+            self.waiting.add_save(pending)
+        return functools.partial(self.save, pending, written, strict)
+
+    def queue_removal(
+        self, seq: int, path: Path, ranking: dict[str, CheckpointRank]
+    ) -> Callable[[], None]:
+        """The worker's job for a removal; registered as waiting until it runs."""
+        if self.queued:
+            self.waiting.add_removal(seq, ranking)
+        return functools.partial(self.remove, seq, path, ranking)
 
     def save(
         self,
@@ -135,7 +160,8 @@ class Delivery:
             strict: raise a persister failure instead of logging it.
 
         Returns:
-            The event, or ``None`` if the persister failed and not ``strict``.
+            The event; ``None`` if the persister failed and not ``strict``, or
+            if an eviction cancelled the save (see :mod:`._waiting`).
 
         Raises:
             PersistError: with ``strict``, if the persister failed; the
@@ -143,8 +169,16 @@ class Delivery:
         """
         if written is not None:
             written.result()  # raises if the background write failed
+        current = self.waiting.start_save(pending)
+        if current is None:
+            # Evicted before its turn: nothing to persist, announce or delete.
+            log.debug(
+                "Skipped %s: evicted before it was persisted", pending.request.key
+            )
+            self.stager.release(pending.request.local_path, pending.original)
+            return None
         try:
-            return self._save(pending)
+            return self._save(current)
         except PersistError as error:
             if strict:
                 raise
@@ -167,10 +201,11 @@ class Delivery:
         except PersistError as error:
             if request.local_path == original:
                 raise
+            # One error with the whole story, chained to the plugin's own.
             raise PersistError(
                 f"{error} Lightning saved it as {original}; the staged file is "
                 "kept, since top-k eviction may have deleted that one already."
-            ) from error
+            ) from error.__cause__
         event = pending.event(persisted)
         if event.kind == "checkpoint":
             self._saved[original] = event
@@ -192,6 +227,7 @@ class Delivery:
         Raises:
             PersistError: if the persister failed to delete the record.
         """
+        ranking = self.waiting.start_removal(seq, ranking)
         saved = self._saved.pop(path, None)
         if saved is None:
             return  # its save failed, and that error was raised on its own

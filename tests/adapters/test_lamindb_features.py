@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 from statistics import median
@@ -17,6 +18,7 @@ from django.db import connection
 
 import lamin_lightning_core as ll
 from lamin_lightning_adapters._lamindb_features import FEATURE_TYPE
+from lamin_lightning_core._journal import read
 from tests.helpers import ScriptedModule, fit, loader
 
 REGISTRARS = ["wandb", "mlflow", "clearml"]
@@ -341,3 +343,39 @@ def test_save_lightning_features_is_idempotent_across_processes(
     for proc, (out, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, err
         assert out.strip().splitlines()[-1] == "20"
+
+
+class EndStateChecker(InvariantChecker):
+    """Tracks events like its parent, but checks only when asked."""
+
+    def check(self) -> None:
+        pass
+
+
+def test_coalescing_skips_evicted_saves_and_ends_with_exact_ranks(
+    ln: ModuleType, auto_features: None, tracked_run: Any, tmp_path: Path
+) -> None:
+    class SlowRegistrar:  # the worker falls behind the training loop
+        @ll.hookimpl
+        def lamin_lightning_artifact_saved(self, event: ll.ArtifactSavedEvent) -> None:
+            time.sleep(0.05)
+
+    checker = EndStateChecker(ln, "min")
+    checkpoint = ll.Checkpoint(
+        monitor="score",
+        save_top_k=2,
+        every_n_train_steps=1,
+        artifact_observers=[checker],
+        plugins=[SlowRegistrar()],
+        disable_plugins=REGISTRARS,
+        coalesce=True,
+    )
+    fit([checkpoint], tmp_path, steps=8, scores=[1, 5, 4, 3, 2, 6, 0.5, 7])
+
+    InvariantChecker.check(checker)
+    kept = {p.name for p in Path(checkpoint.dirpath).glob("*.ckpt")}
+    stored = ln.Artifact.filter(run=tracked_run, kind="model")
+    assert {a.key.rsplit("/", 1)[1] for a in stored} == kept
+    assert checkpoint.journal_path is not None
+    saves = [e for e in read(checkpoint.journal_path) if e.op == "save"]
+    assert checker.order < len(saves)  # some were never persisted
