@@ -167,9 +167,9 @@ class Delivery:
             PersistError: with ``strict``, if the persister failed; the
                 staged file is kept either way.
         """
+        current = self.waiting.start_save(pending)
         if written is not None:
             written.result()  # raises if the background write failed
-        current = self.waiting.start_save(pending)
         if current is None:
             # Evicted before its turn: nothing to persist, announce or delete.
             log.debug(
