@@ -159,7 +159,10 @@ class Checkpoint(ModelCheckpoint):
         self._fit_status: FitStatus | None = None
         self._journal = Journal()
         self._delivery = Delivery(
-            self._bus, self._stager, self._journal, queued=asynchronous
+            self._bus,
+            self._stager,
+            self._journal,
+            cancellable=asynchronous and coalesce,
         )
         self._staged_keys: dict[Path, tuple[str, int]] = {}
         self._hparams_stamp: tuple[int, int] | None = None
@@ -387,9 +390,8 @@ class Checkpoint(ModelCheckpoint):
         ranking = self._ranking.remove(key)
         seq = self._journal.next_seq()
         self._journal.write("remove", seq, save=save_seq, key=key)
-        waiting = self._delivery.waiting
-        if self.coalesce and waiting.cancel(save_seq, key, ranking):
-            return  # its save had not started: both are dropped
+        if self._delivery.waiting.cancel(save_seq, key, ranking):
+            return  # coalesce: its save had not started, so both are dropped
         self._worker.submit(lambda: self._delivery.queue_removal(seq, path, ranking))
 
     # -- publishing: training thread ------------------------------------------
@@ -472,6 +474,8 @@ class Checkpoint(ModelCheckpoint):
             self.save_artifact(trainer, found[0], "hparams")
 
     def _end_fit(self, *, failing: bool) -> None:
+        from lamin_lightning_core._events import CheckpointQuery, FitEndedEvent
+
         try:
             self.flush()
         except Exception as error:
@@ -481,8 +485,6 @@ class Checkpoint(ModelCheckpoint):
         self._worker.stop()
         self._journal.close()
         self._stager.cleanup()
-        from lamin_lightning_core._events import CheckpointQuery, FitEndedEvent
-
         if self._fit_status is not None and not failing:
             from lamin_lightning_core._table import log_summary  # imports rich
 

@@ -112,15 +112,19 @@ class Delivery:
         bus: the callback's plugin bus.
         stager: releases a staged file once its event is broadcast.
         journal: where each step is marked as done.
-        queued: whether jobs wait in the worker's queue (``asynchronous``),
-            where an eviction may cancel a save (see :mod:`._waiting`).
+        cancellable: whether an eviction may cancel a save that waits in
+            the worker's queue (``coalesce``, see :mod:`._waiting`).
     """
 
     def __init__(
-        self, bus: PluginBus, stager: Stager, journal: Journal, queued: bool = True
+        self,
+        bus: PluginBus,
+        stager: Stager,
+        journal: Journal,
+        cancellable: bool = False,
     ) -> None:
         self.bus = bus
-        self.queued = queued
+        self.cancellable = cancellable
         self.stager = stager
         self.journal = journal
         self.last: dict[str, ArtifactSavedEvent] = {}
@@ -133,7 +137,7 @@ class Delivery:
         self, pending: PendingSave, written: Future[Path] | None, strict: bool
     ) -> Callable[[], ArtifactSavedEvent | None]:
         """The worker's job for a save; registered as waiting until it runs."""
-        if self.queued:
+        if self.cancellable:
             self.waiting.add_save(pending)
         return functools.partial(self.save, pending, written, strict)
 
@@ -141,7 +145,7 @@ class Delivery:
         self, seq: int, path: Path, ranking: dict[str, CheckpointRank]
     ) -> Callable[[], None]:
         """The worker's job for a removal; registered as waiting until it runs."""
-        if self.queued:
+        if self.cancellable:
             self.waiting.add_removal(seq, ranking)
         return functools.partial(self.remove, seq, path, ranking)
 
