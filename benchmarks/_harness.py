@@ -43,6 +43,7 @@ class SaveLog:
 
     blocking: list[float] = field(default_factory=list)
     blocking_cpu: list[float] = field(default_factory=list)
+    own_part: list[float] = field(default_factory=list)
     removing: list[float] = field(default_factory=list)
     persist: list[float] = field(default_factory=list)
     persist_cpu: list[float] = field(default_factory=list)
@@ -186,6 +187,15 @@ class TimedCheckpoint(ll.Checkpoint):
     def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         with measure(self.measured.removing):
             super()._remove_checkpoint(trainer, filepath)
+
+    @override
+    def save_artifact(self, trainer: pl.Trainer, local_path: Any, kind: Any) -> Any:
+        # What a checkpoint save blocks beyond Lightning's own write: staging,
+        # the journal line and, when the queue is full, waiting for a slot.
+        if kind != "checkpoint":
+            return super().save_artifact(trainer, local_path, kind)
+        with measure(self.measured.own_part):
+            return super().save_artifact(trainer, local_path, kind)
 
 
 class TinyRegressor(pl.LightningModule):

@@ -117,12 +117,21 @@ def fit_rows(pair: Pair, wall_target: float | None, small: bool = True) -> list[
             verdict(h.median(ours_block) < 0.005) if small else "",
         ),
         Row(
+            "  of which Checkpoint's own part, median",
+            "",
+            ms(h.median(pair.pooled("ours", "own_part"))),
+        ),
+        Row(
             "blocking per save, p95",
             ms(h.p95(plain_block)),
             ms(h.p95(ours_block)),
             times(h.p95(ours_block) / h.p95(plain_block)),
         ),
-        Row("  of which persistence, median", "", ms(h.median(ours_persist(pair)))),
+        Row(
+            "persistence per save (worker), median",
+            "",
+            ms(h.median(ours_persist(pair))),
+        ),
         Row(
             "SQL queries per persist, median",
             "0",
@@ -154,7 +163,7 @@ def section_a(pair: Pair, steps: int, repeats: int) -> Section:
         )
     )
     deleting = h.median(pair.pooled("ours", "deleting"))
-    rows.append(Row("  of which persister delete, median", "", ms(deleting)))
+    rows.append(Row("persister delete (worker), median", "", ms(deleting)))
     queries = pair.pooled("ours", "delete_queries")
     rows.append(Row("SQL queries per delete, median", "0", f"{h.median(queries):g}"))
     title = f"(a) {steps} steps, save_top_k=3 by train_loss, every step"
