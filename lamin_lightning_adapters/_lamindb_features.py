@@ -116,7 +116,7 @@ class FeatureWriter:
             tracked run.
     """
 
-    def __init__(self, ln: Any, event: FitStartedEvent, run: Any) -> None:
+    def __init__(self, ln: Any, event: FitStartedEvent | None, run: Any) -> None:
         from lamindb.models import ArtifactJsonValue, JsonValue
 
         self._links = ArtifactJsonValue.objects
@@ -127,12 +127,25 @@ class FeatureWriter:
                 type__name=FEATURE_TYPE, type__is_type=True
             )
         }
-        self.user = self._user_features(ln, event)
+        self.user: dict[str, Any] = {}
         self._value_ids: dict[tuple[int, str], int] = {}
         self._link_values: dict[tuple[int, int], int] = {}
         self._artifact_ids: dict[str, int] = {}
         self._unloaded: set[int] = set()
-        self._annotate_run(ln, event, run)
+        if event is not None:
+            self.user = self._user_features(ln, event)
+            self._annotate_run(ln, event, run)
+
+    @classmethod
+    def for_replay(cls, ln: Any, names: Iterable[str]) -> FeatureWriter:
+        """A writer for saves that a replay persists after their fit ended.
+
+        The fit checked its features and annotated its run already; features
+        deleted since are left out of the annotations.
+        """
+        writer = cls(ln, None, None)
+        writer.user = writer._features_named(ln, names)
+        return writer
 
     def _user_features(self, ln: Any, event: FitStartedEvent) -> dict[str, Any]:
         wanted = {**event.run_features, **event.artifact_features}

@@ -233,6 +233,13 @@ def lamin_lightning_persist_artifact(request: PersistRequest) -> PersistedArtifa
         # artifact under the same key stays, as an older version.
         previous.delete(permanent=True, storage=True)
     writer = _writers.get(request.callback_id)
+    if writer is None and request.kind == "checkpoint":
+        # A replay, in a process where that fit never started: annotate the
+        # same way, with what the journal kept.
+        from lamin_lightning_adapters._lamindb_features import FeatureWriter
+
+        writer = FeatureWriter.for_replay(ln, request.features)
+        _writers[request.callback_id] = writer
     if writer is not None and request.kind == "checkpoint":
         writer.annotate(artifact, request.key, request.features, request.auto_features)
         writer.rerank(request.ranking)

@@ -135,4 +135,5 @@ def __getattr__(name: str) -> _typing.Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    public = {name for name in globals() if not name.startswith("_")}
+    return sorted((public - {"annotations"}) | set(__all__))

@@ -51,6 +51,9 @@ AUTOLOAD_ENV = "LAMIN_LIGHTNING_DISABLE_AUTOLOAD"
 """Set to 1 to load no entry-point plugin at all."""
 LOCAL_PERSISTER = "local"
 
+_ARTIFACT_HOOKS = ("lamin_lightning_artifact_saved", "lamin_lightning_artifact_removed")
+"""Broadcasts whose deliveries the journal tracks (and replay completes)."""
+
 
 @dataclass(frozen=True)
 class DeliveryFailure:
@@ -215,7 +218,7 @@ class PluginBus:
                     f"Persister {self._describe(impl.plugin_name)} failed to store "
                     f"{request.local_path} as {request.key!r}: {error}. The file is "
                     "still on local disk. Fix the cause (see the error above) or "
-                    f"switch the plugin off with {DISABLE_ENV}={impl.plugin_name}."
+                    f"{self._switch_off_hint(impl.plugin_name)}."
                 ) from error
             if result is not None:
                 return result  # type: ignore[no-any-return]
@@ -284,13 +287,15 @@ class PluginBus:
         )
         self.failures.append(failure)
         first = plugin not in self._warned
+        journaled = hook in _ARTIFACT_HOOKS  # fit events are not
         log.error(
             "Plugin %s failed in %s for %s: %r; training goes on and the event "
-            "is kept in Checkpoint.delivery_failures and the journal",
+            "is kept in Checkpoint.delivery_failures%s",
             self._describe(plugin),
             hook,
             getattr(event, "key", event.event_id),
             error,
+            " and the journal" if journaled else "",
             exc_info=error if first else None,  # one traceback per plugin
         )
         if first:
@@ -301,6 +306,11 @@ class PluginBus:
                 PluginDeliveryWarning,
                 stacklevel=2,
             )
+
+    def _switch_off_hint(self, plugin: str) -> str:
+        if plugin in self.distributions:  # installed through an entry point
+            return f"switch the plugin off with {DISABLE_ENV}={plugin}"
+        return "leave the plugin out of Checkpoint(plugins=...)"
 
     def _describe(self, plugin: str) -> str:
         dist = self.distribution_of(plugin)

@@ -25,9 +25,8 @@ from lamin_lightning_core._observers import ObserverPlugin, check_observer
 from lamin_lightning_core._staging import Stager
 from lamin_lightning_core._worker import Worker
 
-# The event models, the plugin bus and what builds on them (pydantic and the
-# installed plugins, about 60 ms) load when the first Checkpoint is made, not
-# on import: DataLoader workers that re-import a training script skip them.
+# pydantic, the event models and the installed plugins load with the first
+# Checkpoint(), not on import: DataLoader workers re-importing a script skip them.
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -140,6 +139,7 @@ class Checkpoint(ModelCheckpoint):
         self._user_dirpath = kwargs.get("dirpath", args[0] if args else None)
         _preflight.check_text("dirpath", self._user_dirpath)
         _preflight.check_filename(self)
+        _preflight.check_worker_options(asynchronous=asynchronous, coalesce=coalesce)
         for observer in artifact_observers or ():
             check_observer(observer)
         self._bus = create_bus(
@@ -174,14 +174,12 @@ class Checkpoint(ModelCheckpoint):
     def on_artifact_saved(self, event: ArtifactSavedEvent) -> None:
         """Called on rank zero after each artifact is persisted; override it.
 
-        Runs on the background thread unless ``asynchronous=False``.
-        """
+        Runs on the background thread unless ``asynchronous=False``."""
 
     def on_artifact_removed(self, event: ArtifactRemovedEvent) -> None:
         """Called on rank zero after an evicted checkpoint is removed.
 
-        Runs on the background thread unless ``asynchronous=False``.
-        """
+        Runs on the background thread unless ``asynchronous=False``."""
 
     # -- public state ---------------------------------------------------------
 
@@ -389,7 +387,8 @@ class Checkpoint(ModelCheckpoint):
         key, save_seq = staged
         ranking = self._ranking.remove(key)
         seq = self._journal.next_seq()
-        self._journal.write("remove", seq, save=save_seq, key=key)
+        ranks = {k: v.model_dump() for k, v in ranking.items()}
+        self._journal.write("remove", seq, save=save_seq, key=key, ranking=ranks)
         if self._delivery.waiting.cancel(save_seq, key, ranking):
             return  # coalesce: its save had not started, so both are dropped
         self._worker.submit(lambda: self._delivery.queue_removal(seq, path, ranking))

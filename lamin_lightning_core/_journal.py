@@ -175,6 +175,14 @@ class Entry:
         return [p for p in self.done.get("targets", []) if p not in self.delivered]
 
     @property
+    def staged_left(self) -> bool:
+        """A save whose staged name (not Lightning's own) is still on disk."""
+        if self.op != "save":
+            return False
+        staged = Path(self.record["request"]["local_path"])
+        return staged != Path(self.record["original"]) and staged.exists()
+
+    @property
     def complete(self) -> bool:
         if self.op == "save" and self.done is None:
             # Evicted before it was persisted: nothing is due, unless the
@@ -264,10 +272,12 @@ def find_journals(root: Path) -> list[Path]:
 
 
 def pending(paths: Iterable[Path]) -> dict[Path, list[Entry]]:
-    """The incomplete entries of each journal that has any."""
+    """The incomplete entries of each journal that has work left: entries to
+    complete, or staged files that a killed fit did not release."""
     result = {}
     for path in paths:
-        incomplete = [e for e in read(path) if not e.complete]
-        if incomplete:
+        entries = read(path)
+        incomplete = [e for e in entries if not e.complete]
+        if incomplete or any(e.staged_left for e in entries):
             result[path] = incomplete
     return result

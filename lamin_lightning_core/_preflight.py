@@ -71,6 +71,19 @@ def check_filename(callback: ModelCheckpoint) -> None:
         )
 
 
+def check_worker_options(*, asynchronous: bool, coalesce: bool) -> None:
+    """Warn about ``coalesce=True`` where it cannot do anything."""
+    if coalesce and not asynchronous:
+        warnings.warn(
+            "Checkpoint(coalesce=True) has no effect with asynchronous=False: "
+            "each save is persisted before the next one, so none is ever "
+            "waiting when top-k eviction deletes it. Drop coalesce=True, or "
+            "persist in the background (asynchronous=True, the default).",
+            LaminLightningWarning,
+            stacklevel=3,
+        )
+
+
 def check_dirpath(dirpath: str | os.PathLike[str] | None) -> None:
     """Reject a local ``dirpath`` that cannot be created or written to.
 

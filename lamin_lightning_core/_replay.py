@@ -21,7 +21,11 @@ from typing import TYPE_CHECKING
 from lamin_lightning_core import _journal
 from lamin_lightning_core._delivery import PendingSave, announce, removed_event
 from lamin_lightning_core._errors import PersistError
-from lamin_lightning_core._events import ArtifactRemovedEvent, ArtifactSavedEvent
+from lamin_lightning_core._events import (
+    ArtifactRemovedEvent,
+    ArtifactSavedEvent,
+    CheckpointRank,
+)
 from lamin_lightning_core._staging import release
 
 if TYPE_CHECKING:
@@ -113,7 +117,10 @@ def replay_journal(path: Path, bus: PluginBus) -> ReplayReport | None:
     report = ReplayReport(path)
     try:
         for entry in entries:
-            if entry.op == "save" and entry.evicted and entry.done is None:
+            if entry.op == "save" and (
+                entry.complete or (entry.evicted and entry.done is None)
+            ):
+                # Its staged name is no longer needed; a killed fit left it.
                 _release(PendingSave.from_record(entry.record))
             if entry.complete:
                 continue
@@ -188,7 +195,11 @@ def _settle(
         if e.op == "save" and e.seq > entry.seq
     )
     if not later:
+        eviction = next(
+            e for e in entries if e.op == "remove" and e.record["save"] == entry.seq
+        )
         removed = ArtifactRemovedEvent(
+            ranking=_ranking(eviction),
             callback_id=request.callback_id,
             run_uid=request.run_uid,
             kind=request.kind,
@@ -215,7 +226,7 @@ def _replay_remove(
     if save is None or save.done is None:
         return  # never persisted: nothing to delete or announce
     saved = ArtifactSavedEvent.model_validate(save.done["event"])
-    removed = removed_event(saved, {})
+    removed = removed_event(saved, _ranking(entry))
     if entry.done is None:
         try:
             bus.delete(removed)
@@ -228,6 +239,12 @@ def _replay_remove(
         delivered, failed = _deliver_missing(entry, removed, bus, journal, report)
     report.delivered += len(delivered)
     report.failed.extend(f"{saved.key} (removal): plugin {p!r} failed" for p in failed)
+
+
+def _ranking(removal: Entry) -> dict[str, CheckpointRank]:
+    # The standings its eviction changed, as the fit journaled them.
+    standings = removal.record.get("ranking", {})
+    return {k: CheckpointRank.model_validate(v) for k, v in standings.items()}
 
 
 def _deliver_missing(

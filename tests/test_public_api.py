@@ -11,6 +11,8 @@ def test_lazy_names_resolve_and_unknown_names_fail() -> None:
 
     assert issubclass(ll.SaveConfigCallback, SaveConfigCallback)
     assert ll.ArtifactSavedEvent.model_fields["key"].is_required()
+    assert set(ll.__all__) <= set(dir(ll))
+    assert "annotations" not in dir(ll)  # the __future__ import is not ours
     with pytest.raises(AttributeError, match="has no attribute 'Chekpoint'"):
         ll.Chekpoint  # noqa: B018
 

@@ -379,3 +379,50 @@ def test_coalescing_skips_evicted_saves_and_ends_with_exact_ranks(
     assert checkpoint.journal_path is not None
     saves = [e for e in read(checkpoint.journal_path) if e.op == "save"]
     assert checker.order < len(saves)  # some were never persisted
+
+
+def test_replay_annotates_the_checkpoints_it_persists(
+    ln: ModuleType,
+    auto_features: None,
+    tracked_run: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Found by a new user: checkpoints that `lamin-lightning replay` persisted
+    # had no score, rank or flags, so best_checkpoint() found none.
+    import lamin_lightning_adapters.lamindb as persister
+
+    class Unreachable:
+        @ll.hookimpl(tryfirst=True)
+        def lamin_lightning_persist_artifact(self, request: Any) -> Any:
+            raise ConnectionError("instance unreachable")
+
+    checkpoint = ll.Checkpoint(
+        monitor="score",
+        save_top_k=2,
+        every_n_train_steps=1,
+        plugins=[Unreachable()],
+        disable_plugins=REGISTRARS,
+        retry=ll.Retry(attempts=1),
+    )
+    fit([checkpoint], tmp_path, steps=4, scores=[4, 3, 2, 1])
+    assert len(checkpoint.persist_failures) == 4
+    monkeypatch.setattr(persister, "_writers", {})  # as in a new process
+
+    (report,) = ll.replay(tmp_path, disable=REGISTRARS)
+
+    assert report.ok and report.persisted == 2
+    prefix = checkpoint.checkpoint_key_prefix
+    third, fourth = (f"{prefix}/epoch=0-step={n}.ckpt" for n in (3, 4))
+    stored = stored_features(ln, [third, fourth])
+    assert stored[fourth] == {
+        "score": 1,
+        "model_rank": 0,
+        "is_best_model": True,
+        "is_last_model": True,
+        "mode": "min",
+        "monitor": "score",
+        "save_weights_only": False,
+    }
+    assert (stored[third]["model_rank"], stored[third]["is_last_model"]) == (1, False)
+    assert ll.best_checkpoint(tracked_run).key == fourth

@@ -131,3 +131,8 @@ def test_rank_changes_of_a_skipped_save_reach_the_checkpoints_it_demoted(
             "is_last_model": True,
         },
     }
+
+
+def test_coalescing_without_a_background_worker_warns() -> None:
+    with pytest.warns(ll.LaminLightningWarning, match="no effect with asynchronous"):
+        ll.Checkpoint(asynchronous=False, coalesce=True, disable_plugins=LOCAL_ONLY)

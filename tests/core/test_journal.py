@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -249,3 +250,24 @@ def test_the_journal_of_a_running_fit_is_left_alone(
     running.close()
     (report,) = ll.replay(tmp_path, disable=BACKENDS)
     assert report.ok and len(recorded(recorder)) == 6
+
+
+def test_replay_releases_staged_files_that_a_killed_fit_left(tmp_path: Path) -> None:
+    # Found by a new user: after SIGKILL, a save that was persisted and
+    # announced kept its staged hard link, holding the bytes of a checkpoint
+    # that Lightning had evicted, and replay never removed it.
+    checkpoint = ll.Checkpoint(
+        every_n_train_steps=1, save_top_k=-1, disable_plugins=[*BACKENDS, "recorder"]
+    )
+    fit([checkpoint], tmp_path, steps=2)
+    assert checkpoint.journal_path is not None
+    first = next(e for e in read(checkpoint.journal_path) if e.op == "save")
+    staged = Path(first.record["request"]["local_path"])
+    staged.parent.mkdir()
+    os.link(first.record["original"], staged)  # killed before its release
+
+    (report,) = ll.replay(tmp_path, disable=[*BACKENDS, "recorder"])
+
+    assert report.ok and report.persisted == 0
+    assert not staged.parent.exists()
+    assert ll.replay(tmp_path, disable=[*BACKENDS, "recorder"]) == []
