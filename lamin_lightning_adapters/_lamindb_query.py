@@ -12,8 +12,8 @@ from lamin_lightning_core._events import CheckpointRecord
 if TYPE_CHECKING:
     from lamin_lightning_core._events import CheckpointQuery
 
-_EPOCH = re.compile(r"epoch=(\d+)")
-_STEP = re.compile(r"step=(\d+)")
+_EPOCH = re.compile(r"epoch[= ](\d+)")
+_STEP = re.compile(r"step[= ](\d+)")
 _AUTO_FIELDS = ("score", "mode", "model_rank", "is_best_model", "is_last_model")
 
 
@@ -59,8 +59,10 @@ def _record(
 ) -> CheckpointRecord:
     from lamin_lightning_adapters.lamindb import storage_uri
 
-    epoch = _EPOCH.search(artifact.key)
-    step = _STEP.search(artifact.key)
+    # Recorded at save time in the description; older artifacts: the key.
+    described = artifact.description or ""
+    epoch = _EPOCH.search(described) or _EPOCH.search(artifact.key)
+    step = _STEP.search(described) or _STEP.search(artifact.key)
     return CheckpointRecord(
         key=artifact.key,
         artifact_uid=artifact.uid,

@@ -234,7 +234,7 @@ def pending_save(
         score: the monitored value (``None`` for config and hparams).
         ranking: the checkpoints whose standing this save changed.
     """
-    from lamin_lightning_core._delivery import DESCRIPTIONS, PendingSave
+    from lamin_lightning_core._delivery import PendingSave
     from lamin_lightning_core._events import PersistRequest
 
     is_checkpoint = kind == "checkpoint"
@@ -245,7 +245,7 @@ def pending_save(
         key=key,
         local_path=staged,
         run_uid=checkpoint.run_uid,
-        description=DESCRIPTIONS[kind],
+        description=describe(kind, trainer),
         is_run_input=kind == "config",
         is_run_output=is_checkpoint,
         callback_id=checkpoint.state_key,
@@ -255,3 +255,14 @@ def pending_save(
     )
     fields = event_fields(checkpoint, trainer, ranking, score, standing)
     return PendingSave(request, original, fields, seq)
+
+
+def describe(kind: ArtifactKind, trainer: pl.Trainer) -> str:
+    """The artifact's description; a checkpoint's names its epoch and step,
+    which its file name may not (``last.ckpt``, a custom ``filename``)."""
+    from lamin_lightning_core._delivery import DESCRIPTIONS
+
+    if kind != "checkpoint":
+        return DESCRIPTIONS[kind]
+    epoch, step = trainer.current_epoch, trainer.global_step
+    return f"{DESCRIPTIONS[kind]}, epoch {epoch}, step {step}"

@@ -44,6 +44,26 @@ def test_best_last_and_all_after_evictions(
     assert ll.find_checkpoints(latest_run=True) == records
 
 
+def test_epoch_and_step_come_from_the_save_not_the_file_name(
+    ln: ModuleType, tracked_run: Any, tmp_path: Path
+) -> None:
+    # Found by a new user: `lamin-lightning ls` showed -/- for last.ckpt and
+    # for any filename without epoch= and step= in it.
+    checkpoint = ll.Checkpoint(
+        every_n_train_steps=3,
+        save_last=True,
+        filename="weights",
+        disable_plugins=REGISTRARS,
+    )
+    fit([checkpoint], tmp_path, steps=6)
+
+    records = {r.key.rsplit("/", 1)[1]: r for r in ll.find_checkpoints(tracked_run)}
+    assert {name: (r.epoch, r.global_step) for name, r in records.items()} == {
+        "weights.ckpt": (0, 6),
+        "last.ckpt": (0, 6),
+    }
+
+
 def test_loading_on_a_fresh_directory_restores_the_weights(
     ln: ModuleType, auto_features: None, tracked_run: Any, tmp_path: Path
 ) -> None:
