@@ -22,8 +22,10 @@ starts one (project from ``LAMIN_LIGHTNING_CLEARML_PROJECT``, default
 it when the fit ends. That task has ClearML's own PyTorch binding switched
 off: the binding patches the trainers of both ``lightning`` and
 ``pytorch_lightning`` and would register, or upload, every checkpoint a
-second time. On a task of your own, ``Task.init(...,
-auto_connect_frameworks={"pytorch": False})`` does the same.
+second time. Its repository detection is off too: it runs git and pip from
+a background thread while training runs, and a hung child process made
+``task.close()`` wait 300 s. On a task of your own, ``Task.init(...,
+auto_connect_frameworks={"pytorch": False})`` switches the binding off.
 
 Offline (``CLEARML_OFFLINE_MODE=1``) the client cannot create models, which
 needs a server. Each checkpoint is then recorded as a task artifact named
@@ -259,8 +261,11 @@ def _find_or_start_task(event: FitStartedEvent) -> tuple[Task, bool] | None:
             reuse_last_task_id=False,
             # ClearML's stream capture breaks on the stdout that ln.track()
             # wraps; its PyTorch binding would register checkpoints twice.
+            # Its repository detection forks git and pip from a thread while
+            # training threads run; a child that hangs before exec made
+            # task.close() wait its full 300 s at the end of the demo.
             auto_connect_streams=False,
-            auto_connect_frameworks={"pytorch": False},
+            auto_connect_frameworks={"pytorch": False, "detect_repository": False},
         )
     except MissingConfigError:
         warnings.warn(

@@ -264,6 +264,8 @@ def test_offline_plugin_starts_its_own_task_and_closes_it(offline, tmp_path):
     task = Task.current_task()
     assert (link.task_id, link.started_here) == (task.id, True)
     assert (task.name, link.project) == (PREFIX, plugin.DEFAULT_PROJECT)
+    # Found with the demo: that thread's git/pip child hung, close() waited 300 s.
+    assert task._detect_repo_async_thread is None, "repository detection is off"
     plugin.lamin_lightning_artifact_saved(
         event=_saved(tmp_path, "hparams.yaml", 1, kind="hparams")
     )
