@@ -207,12 +207,8 @@ def _settle(
             local_path=request.local_path,
             storage_uri=request.local_path.absolute().as_uri(),
         )
-        try:
-            bus.delete(removed)
-        except PersistError as error:
-            report.failed.append(f"{request.key}: {error}")
+        if not _delete(removed, bus, report):
             return
-        report.deleted += 1
     journal.write("settled", entry.seq)
 
 
@@ -228,17 +224,26 @@ def _replay_remove(
     saved = ArtifactSavedEvent.model_validate(save.done["event"])
     removed = removed_event(saved, _ranking(entry))
     if entry.done is None:
-        try:
-            bus.delete(removed)
-        except PersistError as error:
-            report.failed.append(f"{saved.key}: {error}")
+        if not _delete(removed, bus, report):
             return
-        report.deleted += 1
         delivered, failed = announce(bus, journal, entry.seq, removed, "deleted")
     else:
         delivered, failed = _deliver_missing(entry, removed, bus, journal, report)
     report.delivered += len(delivered)
     report.failed.extend(f"{saved.key} (removal): plugin {p!r} failed" for p in failed)
+
+
+def _delete(
+    removed: ArtifactRemovedEvent, bus: PluginBus, report: ReplayReport
+) -> bool:
+    """Mirror a removal in the persister; whether it did."""
+    try:
+        bus.delete(removed)
+    except PersistError as error:
+        report.failed.append(f"{removed.key}: {error}")
+        return False
+    report.deleted += 1
+    return True
 
 
 def _ranking(removal: Entry) -> dict[str, CheckpointRank]:
